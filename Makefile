@@ -1,0 +1,29 @@
+# Two commands: `make demo` and `make test`. Both create .venv on first use and are fast afterwards.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+export OMP_NUM_THREADS ?= 2
+export GRADIO_ANALYTICS_ENABLED := False
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+# torch==2.13.0 first: it is the CPU build on local disk; a looser spec would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf .venv outputs

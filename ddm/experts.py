@@ -1,0 +1,85 @@
+"""Expert models and the expert directory format.
+
+An expert directory is what one island writes (and nothing else writes there):
+  config.json + diffusion_pytorch_model.safetensors   EMA weights: `from_pretrained(dir)` gives the sampling model
+  raw/config.json + raw/diffusion_pytorch_model.safetensors   the raw (non-EMA) weights
+  expert.json        what the router and samplers need: model class, island, manifest and data fingerprints,
+                     flow (noise path) config, number of classes, label dropout
+The training state (optimizer, step, RNG, data position) and logs live beside these; see ddm/train.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import DiTTransformer2DModel, WanTransformer3DModel
+from safetensors import SafetensorError
+
+from ddm import UsageError
+from ddm.flow import FlowConfig
+
+EXPERT_FORMAT = "ddm-expert/1"
+MODEL_CLASSES = {"DiTTransformer2DModel": DiTTransformer2DModel, "WanTransformer3DModel": WanTransformer3DModel}
+
+# DiT sizes. Parameter counts at 8x8x1 input, patch 2: tiny ~0.1M, small ~1.9M.
+DIT_PRESETS = {
+    "tiny": dict(num_layers=2, num_attention_heads=2, attention_head_dim=16),
+    "small": dict(num_layers=6, num_attention_heads=4, attention_head_dim=32),
+    "base": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),
+}
+
+
+def build_dit(preset: str, sample_size: int, in_channels: int, num_classes: int, patch_size: int = 2) -> DiTTransformer2DModel:
+    """A class-conditional DiT. Label `num_classes` is the "no class" label used for classifier-free guidance."""
+    if preset not in DIT_PRESETS:
+        raise UsageError(f"unknown model preset {preset!r}: choose from {', '.join(DIT_PRESETS)}")
+    if patch_size <= 0 or sample_size % patch_size:
+        raise UsageError(f"image size {sample_size} is not divisible by the patch size {patch_size}")
+    if num_classes < 1:
+        raise UsageError(f"a class-conditional expert needs at least one class, got {num_classes}")
+    return DiTTransformer2DModel(
+        **DIT_PRESETS[preset],
+        in_channels=in_channels,
+        out_channels=in_channels,  # plain velocity prediction, no learned variance
+        sample_size=sample_size,
+        patch_size=patch_size,
+        num_embeds_ada_norm=num_classes,
+        norm_num_groups=1,
+    )
+
+
+def read_expert_meta(path: str | Path) -> dict:
+    path = Path(path)
+    meta_path = path / "expert.json"
+    if not meta_path.is_file():
+        raise UsageError(f"not an expert directory (no expert.json): {path}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"corrupt {meta_path}: {e}") from None
+    if meta.get("format") != EXPERT_FORMAT:
+        raise UsageError(f"{meta_path}: unknown format {meta.get('format')!r}, expected {EXPERT_FORMAT}")
+    return meta
+
+
+def load_expert(path: str | Path, weights: str = "ema", device=None, dtype=None) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, expert.json dict). `weights` is 'ema' (default, for sampling) or 'raw'."""
+    path = Path(path)
+    meta = read_expert_meta(path)
+    cls = MODEL_CLASSES.get(meta["model_class"])
+    if cls is None:
+        raise UsageError(f"{path}: unsupported model class {meta['model_class']!r}")
+    if weights not in ("ema", "raw"):
+        raise UsageError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    try:
+        model = cls.from_pretrained(path, subfolder="raw" if weights == "raw" else None, torch_dtype=dtype)
+    except (OSError, SafetensorError, ValueError, EnvironmentError) as e:
+        raise UsageError(f"cannot load expert weights from {path}: {str(e).splitlines()[0]}") from None
+    if device is not None:
+        model.to(device)
+    return model.eval().requires_grad_(False), meta
+
+
+def flow_config(meta: dict) -> FlowConfig:
+    return FlowConfig.from_dict(meta["flow"])
