@@ -83,3 +83,27 @@ def load_expert(path: str | Path, weights: str = "ema", device=None, dtype=None)
 
 def flow_config(meta: dict) -> FlowConfig:
     return FlowConfig.from_dict(meta["flow"])
+
+
+def write_expert(out: str | Path, ema_model: torch.nn.Module, raw_model: torch.nn.Module, meta: dict) -> None:
+    """Write the sampling view of an expert directory: EMA weights at the top, raw weights in raw/, expert.json.
+
+    Each file lands by rename (whole or not at all); expert.json goes last, so a directory with an expert.json
+    always has weights. The training state that resumes a run is written separately by ddm/train.py.
+    """
+    from ddm.io import atomic_write_json, staging_dir
+
+    out = Path(out)
+    staging = staging_dir(out)
+    try:
+        ema_model.save_pretrained(staging)
+        raw_model.save_pretrained(staging / "raw")
+        (out / "raw").mkdir(parents=True, exist_ok=True)
+        for f in sorted(staging.rglob("*")):
+            if f.is_file():
+                f.replace(out / f.relative_to(staging))
+    finally:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    atomic_write_json(out / "expert.json", {**meta, "format": EXPERT_FORMAT, "model_class": type(ema_model).__name__})
