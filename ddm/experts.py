@@ -10,6 +10,7 @@ The training state (optimizer, step, RNG, data position) and logs live beside th
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -103,7 +104,5 @@ def write_expert(out: str | Path, ema_model: torch.nn.Module, raw_model: torch.n
             if f.is_file():
                 f.replace(out / f.relative_to(staging))
     finally:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
     atomic_write_json(out / "expert.json", {**meta, "format": EXPERT_FORMAT, "model_class": type(ema_model).__name__})
