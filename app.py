@@ -1,0 +1,134 @@
+"""The Gradio app: images through the router ensemble, long videos through DualParal, and the islands behind them.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--share] [--allow-dir DIR ...] [--demo-dir outputs/demo]
+
+It binds to 127.0.0.1 unless told otherwise, makes no public link unless `--share`, sends no analytics, and reads
+only below outputs/ and the `--allow-dir` folders. Every button is also an HTTP API endpoint (see `api_name`s).
+The actions themselves live in app_actions.py.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported, which reads it at import time
+
+import argparse
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from app_actions import APP_DIR, MAX_IMAGES, MAX_STEPS, Actions, AllowedRoots
+
+# Small images (8×8 digits) stay crisp when the browser enlarges them.
+CSS = ".pixelated img { image-rendering: pixelated; }"
+STRATEGIES = ["top1", "full", "topk:2", "threshold:0.1", "sample:1"]
+CLASSES = ["random", *map(str, range(10))]
+
+
+def build_app(actions: Actions, demo_dir: str) -> gr.Blocks:
+    with gr.Blocks(title="ddm-suite", analytics_enabled=False) as app:
+        gr.Markdown(
+            "# ddm-suite\nDecentralized diffusion (islands → experts → router ensemble) and DualParal long videos. "
+            f"Paths are read only below: `{actions.roots.describe()}`."
+        )
+        with gr.Tab("Images", id="images"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    ensemble_dir = gr.Textbox(f"{demo_dir}/ensemble", label="Ensemble directory (router + experts)")
+                    strategy = gr.Dropdown(STRATEGIES, value="top1", allow_custom_value=True, label="Routing strategy")
+                    image_class = gr.Dropdown(CLASSES, value="random", allow_custom_value=True, label="Class")
+                    with gr.Row():
+                        image_steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")
+                        image_cfg = gr.Slider(1.0, 20.0, value=1.5, step=0.1, label="CFG scale")
+                    with gr.Row():
+                        image_seed = gr.Number(0, precision=0, label="Seed")
+                        image_count = gr.Slider(1, MAX_IMAGES, value=8, step=1, label="Number of images")
+                    compare = gr.Checkbox(False, label="Compare with the monolith (same noise)")
+                    monolith_dir = gr.Textbox(f"{demo_dir}/experts/monolith", label="Monolith directory")
+                    generate_button = gr.Button("Generate", variant="primary")
+                with gr.Column(scale=2):
+                    with gr.Row():
+                        ensemble_gallery = gr.Gallery(
+                            label="Ensemble", columns=4, format="png", elem_id="ensemble-gallery", elem_classes="pixelated"
+                        )
+                        monolith_gallery = gr.Gallery(
+                            label="Monolith (same noise)", columns=4, format="png", elem_classes="pixelated", visible=False
+                        )
+                    routing = gr.Plot(label="Routing weights per expert over the sampling steps")
+        compare.change(lambda on: gr.Gallery(visible=on), compare, monolith_gallery, api_visibility="private", queue=False)
+        generate_button.click(
+            actions.generate_images,
+            inputs=[ensemble_dir, strategy, image_steps, image_cfg, image_seed, image_class, image_count, compare, monolith_dir],
+            outputs=[ensemble_gallery, routing, monolith_gallery],
+            api_name="generate_images",
+            concurrency_id="images",
+            concurrency_limit=2,
+        )
+
+        with gr.Tab("Islands", id="islands"):
+            with gr.Row():
+                manifest_dir = gr.Textbox(f"{demo_dir}/manifest", label="Manifest directory")
+                experts_dir = gr.Textbox(f"{demo_dir}/experts", label="Experts directory (one sub-folder per expert)")
+                per_cluster = gr.Slider(1, 32, value=8, step=1, label="Samples per cluster")
+            islands_button = gr.Button("Show islands", variant="primary")
+            with gr.Row():
+                sizes_plot = gr.Plot(label="Cluster sizes")
+                curves_plot = gr.Plot(label="Training curves")
+            cluster_gallery = gr.Gallery(
+                label="Sample images per cluster", columns=4, format="png", object_fit="contain", elem_classes="pixelated"
+            )
+            with gr.Row():
+                sample_steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")
+                sample_seed = gr.Number(0, precision=0, label="Seed")
+                sample_class = gr.Dropdown(CLASSES, value="random", allow_custom_value=True, label="Class")
+            samples_button = gr.Button("One sample per expert")
+            expert_gallery = gr.Gallery(label="One sample per expert (same noise)", columns=6, format="png", elem_classes="pixelated")
+        islands_button.click(
+            actions.islands,
+            inputs=[manifest_dir, experts_dir, per_cluster],
+            outputs=[sizes_plot, cluster_gallery, curves_plot],
+            api_name="islands",
+            concurrency_id="islands",
+            concurrency_limit=2,
+        )
+        samples_button.click(
+            actions.expert_samples,
+            inputs=[experts_dir, sample_steps, sample_seed, sample_class],
+            outputs=expert_gallery,
+            api_name="expert_samples",
+            concurrency_id="islands",
+        )
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    parser.add_argument(
+        "--allow-dir", action="append", default=[], metavar="DIR", help="another folder the app may read (repeatable)"
+    )
+    parser.add_argument("--demo-dir", default="outputs/demo", help="where the defaults in the UI point (make demo's output)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for folder in args.allow_dir:
+        if not Path(folder).is_dir():
+            print(f"error: --allow-dir {folder!r} is not a directory", file=sys.stderr)
+            return 2
+    if not 0 < args.port < 65536:
+        print(f"error: --port {args.port} is outside 1..65535", file=sys.stderr)
+        return 2
+    roots = AllowedRoots([APP_DIR / "outputs", *args.allow_dir])
+    app = build_app(Actions(roots), args.demo_dir)
+    app.queue(default_concurrency_limit=1)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""What the Gradio app (app.py) does when a button is pressed: validate, read only allowed paths, call the back ends.
+
+Each action turns bad input into a friendly `gr.Error` before any heavy work. Every path typed into the UI goes
+through `AllowedRoots.dir`, which resolves it (symlinks too) and refuses anything outside the allowed folders.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from ddm import UsageError
+from ddm.experts import load_expert
+
+APP_DIR = Path(__file__).resolve().parent
+# A user's mistake: shown in the UI, not logged as a server traceback.
+UserError = functools.partial(gr.Error, print_exception=False)
+MAX_STEPS = 200
+MAX_IMAGES = 16
+
+
+class AllowedRoots:
+    """The only folders the app reads from. Relative UI paths are taken from the app's own folder."""
+
+    def __init__(self, roots: list[Path]):
+        self.roots = [Path(r).expanduser().resolve() for r in roots]
+
+    def dir(self, text: str | None, what: str) -> Path:
+        text = (text or "").strip()
+        if not text:
+            raise UserError(f"{what}: please enter a directory.")
+        path = Path(text).expanduser()
+        resolved = (path if path.is_absolute() else APP_DIR / path).resolve()
+        # Checked before existence, so the app says nothing about what lies outside its roots.
+        if not any(resolved.is_relative_to(root) for root in self.roots):
+            raise UserError(f"{what} {text!r} is outside the folders this app may read ({self.describe()}).")
+        if not resolved.is_dir():
+            raise UserError(f"{what} {text!r} is not a directory.")
+        return resolved
+
+    def describe(self) -> str:
+        return ", ".join(str(r) for r in self.roots)
+
+
+def friendly(fn):
+    """Back-end usage errors (UsageError, a bad config) reach the user as one readable gr.Error line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as e:
+            raise UserError(str(e)) from None
+
+    return wrapper
+
+
+def int_in_range(value, name: str, low: int, high: int) -> int:
+    if value is None or (isinstance(value, float) and not value.is_integer()):
+        raise UserError(f"{name} must be a whole number between {low} and {high}, got {value!r}.")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a whole number between {low} and {high}, got {value!r}.") from None
+    if not low <= number <= high:
+        raise UserError(f"{name} must be between {low} and {high}, got {number}.")
+    return number
+
+
+def float_in_range(value, name: str, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number between {low} and {high}, got {value!r}.") from None
+    if not low <= number <= high:  # also refuses NaN
+        raise UserError(f"{name} must be between {low} and {high}, got {value!r}.")
+    return number
+
+
+def class_labels(choice: str | None, count: int, num_classes: int, seed: int) -> torch.Tensor:
+    """`random` (drawn from the seed) or one class index for every image."""
+    choice = str(choice if choice is not None else "random").strip().lower()
+    if choice == "random":
+        return torch.randint(0, num_classes, (count,), generator=torch.Generator().manual_seed(seed))
+    if not choice.isdigit() or int(choice) >= num_classes:
+        raise UserError(f"Class must be 'random' or a number in 0..{num_classes - 1}, got {choice!r}.")
+    return torch.full((count,), int(choice))
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A CxHxW image in [-1, 1] → PIL (L for one channel, RGB for three)."""
+    array = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def tile_grid(images: torch.Tensor) -> Image.Image:
+    """N×C×H×W in [-1, 1] → one near-square PIL grid of them, 1-pixel gaps."""
+    n, c, h, w = images.shape
+    columns = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = torch.full((c, rows * (h + 1) - 1, columns * (w + 1) - 1), -1.0)
+    for i, image in enumerate(images):
+        top, left = (i // columns) * (h + 1), (i % columns) * (w + 1)
+        grid[:, top : top + h, left : left + w] = image
+    return to_pil(grid)
+
+
+def read_metrics(path: Path) -> tuple[list[int], list[float]]:
+    """(steps, losses) from a metrics.jsonl; lines without both, or cut short by a running trainer, are left out."""
+    steps, losses = [], []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            step, loss = int(record["step"]), float(record["loss"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        steps.append(step)
+        losses.append(loss)
+    return steps, losses
+
+
+def cluster_sizes_plot(sizes: list[int]) -> Figure:
+    fig = Figure(figsize=(5, 3), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.bar([f"island {k}" for k in range(len(sizes))], sizes, color="tab:blue")
+    ax.bar_label(bars)
+    ax.set_ylabel("samples")
+    ax.set_title(f"cluster sizes ({sum(sizes)} samples)")
+    return fig
+
+
+def routing_plot(weights: torch.Tensor, islands: list[int]) -> Figure:
+    """weights (steps, samples, K): one small stacked plot per sample, showing which expert drew it at each step."""
+    steps, samples, k = weights.shape
+    columns = min(samples, 4)
+    rows = -(-samples // columns)
+    fig = Figure(figsize=(2.2 * columns + 1.6, 1.7 * rows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)).ravel()
+    colors = [f"C{i % 10}" for i in range(k)]
+    x = np.arange(1, steps + 1)
+    for i, ax in enumerate(axes):
+        if i >= samples:
+            ax.set_visible(False)
+            continue
+        ax.stackplot(x, weights[:, i, :].T.numpy(), colors=colors, labels=[f"expert {j}" for j in range(k)])
+        ax.set_title(f"sample {i}", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=7)
+    fig.supxlabel("sampling step", fontsize=8)
+    fig.supylabel("routing weight", fontsize=8)
+    missing = sorted(set(range(k)) - set(islands))
+    fig.suptitle("routing weights per expert" + (f" (missing experts: {missing})" if missing else ""), fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    return fig
+
+
+def training_curves_plot(curves: dict[str, tuple[list[int], list[float]]]) -> Figure:
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.subplots()
+    for name, (steps, losses) in curves.items():
+        ax.plot(steps, losses, label=name, linewidth=1.2, linestyle="--" if name == "monolith" else "-")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title("training loss per island (metrics.jsonl)")
+    if curves:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no metrics.jsonl found", ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
+class Actions:
+    """The app's actions, bound to the folders it may read."""
+
+    def __init__(self, roots: AllowedRoots):
+        self.roots = roots
+
+    @friendly
+    def islands(self, manifest_dir: str, experts_dir: str, per_cluster: int = 8):
+        """Cluster sizes, sample images per cluster, and training curves of every expert under `experts_dir`."""
+        from ddm.manifest import Manifest
+
+        manifest_path = self.roots.dir(manifest_dir, "Manifest directory")
+        experts_path = self.roots.dir(experts_dir, "Experts directory")
+        per_cluster = int_in_range(per_cluster, "Samples per cluster", 1, 32)
+        manifest = Manifest.load(manifest_path)
+        if manifest.data != "digits":  # an image folder: read it only if it lies inside the allowed roots too
+            self.roots.dir(manifest.data, "The manifest's data folder")
+        dataset = manifest.load_dataset()
+        sizes = manifest.sizes
+        clusters = []
+        for k in range(manifest.k):
+            indices = manifest.island_indices(k)[:per_cluster].tolist()
+            if not indices:
+                continue
+            images = torch.stack([dataset[i][0] for i in indices])
+            labels = [int(dataset[i][1]) for i in indices]
+            caption = f"island {k}: {sizes[k]} samples" + (f" · labels {labels}" if min(labels) >= 0 else "")
+            clusters.append((tile_grid(images), caption))
+        curves = {}
+        for expert in sorted(p for p in experts_path.iterdir() if (p / "metrics.jsonl").is_file()):
+            steps, losses = read_metrics(expert / "metrics.jsonl")
+            if steps:
+                curves[expert.name] = (steps, losses)
+        return cluster_sizes_plot(sizes), clusters, training_curves_plot(curves)
+
+    @friendly
+    def generate_images(
+        self, ensemble_dir: str, strategy: str, steps, cfg, seed, class_label: str, count,
+        compare: bool, monolith_dir: str,
+    ):
+        """Images through the router ensemble, its routing weights per step, and optionally the monolith's from the same noise."""
+        from router.ensemble import DDMEnsemble
+        from router.pipeline import make_pipeline
+
+        ensemble_path = self.roots.dir(ensemble_dir, "Ensemble directory")
+        monolith_path = self.roots.dir(monolith_dir, "Monolith directory") if compare else None
+        steps = int_in_range(steps, "Steps", 1, MAX_STEPS)
+        cfg = float_in_range(cfg, "CFG scale", 1.0, 20.0)
+        seed = int_in_range(seed, "Seed", 0, 2**31 - 1)
+        count = int_in_range(count, "Number of images", 1, MAX_IMAGES)
+        ensemble = DDMEnsemble.from_pretrained(ensemble_path, strategy=strategy or None)
+        num_classes = ensemble.metas[0]["num_classes"]
+        labels = class_labels(class_label, count, num_classes, seed)
+        shift = ensemble.metas[0]["flow"]["shift"]
+        images = make_pipeline(ensemble, shift)(
+            labels, num_inference_steps=steps, guidance_scale=cfg, generator=torch.Generator().manual_seed(seed)
+        ).images
+        # With CFG the ensemble also routes the unconditional rows; those of the conditional ones are plotted.
+        weights = torch.stack([w[:count] for w in ensemble.routing_weights]).float().cpu()
+        captions = [f"class {c} · expert {e}" for c, e in zip(labels.tolist(), weights.sum(0).argmax(1).tolist())]
+        monolith = []
+        if monolith_path is not None:
+            model, meta = load_expert(monolith_path)
+            if model.config.sample_size != ensemble.config.sample_size or meta["num_classes"] != num_classes:
+                raise UserError(f"Monolith {monolith_dir!r} does not make the same samples as the ensemble (size or classes differ).")
+            monolith_images = make_pipeline(model, meta["flow"]["shift"])(
+                labels, num_inference_steps=steps, guidance_scale=cfg, generator=torch.Generator().manual_seed(seed)
+            ).images
+            monolith = [(image, f"class {c} · monolith") for image, c in zip(monolith_images, labels.tolist())]
+        return list(zip(images, captions)), routing_plot(weights, ensemble.islands), monolith
+
+    @friendly
+    def expert_samples(self, experts_dir: str, steps, seed, class_label: str):
+        """One sample per expert directory under `experts_dir`, all from the same noise and class."""
+        from router.pipeline import make_pipeline
+
+        experts_path = self.roots.dir(experts_dir, "Experts directory")
+        steps = int_in_range(steps, "Steps", 1, MAX_STEPS)
+        seed = int_in_range(seed, "Seed", 0, 2**31 - 1)
+        expert_dirs = sorted(p for p in experts_path.iterdir() if (p / "expert.json").is_file())
+        if not expert_dirs:
+            raise UserError(f"Experts directory {experts_dir!r} holds no expert (no sub-folder with an expert.json).")
+        samples = []
+        for expert_dir in expert_dirs:
+            model, meta = load_expert(expert_dir)
+            labels = class_labels(class_label, 1, meta["num_classes"], seed)
+            image = make_pipeline(model, meta["flow"]["shift"])(
+                labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)
+            ).images[0]
+            samples.append((image, f"{expert_dir.name} · class {labels.item()}"))
+        return samples
