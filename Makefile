@@ -1,6 +1,7 @@
 # Two commands: `make demo` and `make test`. Both create .venv on first use and are fast afterwards.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
+CHROMIUM := /usr/bin/chromium
 export OMP_NUM_THREADS ?= 2
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
@@ -22,8 +23,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q tests
+
+# Headless browser for the app's browser test (Debian's package; playwright never downloads one). A no-op once
+# installed; where apt-get cannot install it (not root, no network), the browser test skips and says why.
+$(CHROMIUM):
+	DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+		|| echo "warning: could not install chromium with apt-get; the app's browser test will be skipped"
 
 clean:
 	rm -rf .venv outputs
