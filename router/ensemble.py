@@ -1,0 +1,175 @@
+"""The ensemble: router + any subset of experts, seen by a sampler as ONE diffusers DiT.
+
+v(x_t, t) = sum_k w_k(x_t, t) v_k(x_t, t), w = strategy(softmax(r(x_t, t)) over the experts present).
+Routing is per sample: each expert runs only on the rows that give it non-zero weight (gather/scatter),
+so top-1 costs one expert + the router per sample, not K experts.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from safetensors import SafetensorError
+from torch import nn
+
+from ddm import UsageError
+from ddm.experts import load_expert
+from ddm.io import atomic_replace_dir, atomic_write_json, staging_dir
+from router.model import RouterModel
+from router.strategies import DEFAULT_STRATEGY, parse_strategy
+
+ENSEMBLE_FORMAT = "ddm-ensemble/1"
+# Expert config keys that must agree for the experts to be interchangeable on one sample.
+SHAPE_KEYS = ("sample_size", "in_channels", "out_channels", "patch_size", "num_embeds_ada_norm")
+
+
+def load_router(path: str | Path, device=None, dtype=None) -> RouterModel:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"not a router directory (no config.json): {path}")
+    try:
+        router = RouterModel.from_pretrained(path, torch_dtype=dtype)
+    except (OSError, SafetensorError, ValueError, TypeError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot load router from {path}: {str(e).splitlines()[0]}") from None
+    return router.to(device).eval().requires_grad_(False)
+
+
+def check_experts(metas: list[dict], configs: list[dict], paths: list) -> None:
+    """Experts must come from one partition, one noise path and one sample shape (UsageError naming the odd one)."""
+    first, first_cfg = metas[0], configs[0]
+    seen = set()
+    for meta, cfg, path in zip(metas, configs, paths):
+        for key in ("k", "manifest_fingerprint", "flow", "num_classes"):
+            if meta.get(key) != first.get(key):
+                raise UsageError(f"expert {path} has {key}={meta.get(key)!r} but {paths[0]} has {first.get(key)!r}")
+        for key in SHAPE_KEYS:
+            if cfg.get(key) != first_cfg.get(key):
+                raise UsageError(f"expert {path} has {key}={cfg.get(key)!r} but {paths[0]} has {first_cfg.get(key)!r}")
+        island = meta.get("island")
+        if not isinstance(island, int) or not 0 <= island < first["k"]:
+            raise UsageError(f"expert {path}: island {island!r} is outside 0..{first['k'] - 1}")
+        if island in seen:
+            raise UsageError(f"expert {path}: island {island} is given twice")
+        seen.add(island)
+
+
+class DDMEnsemble(ModelMixin, ConfigMixin):
+    """Same forward signature and output as `DiTTransformer2DModel`.
+
+    `routing_weights` holds the (B, K) weights of every forward call since the last `reset_routing`
+    (zeros for experts that are missing or not chosen), for plots and the UI.
+    """
+
+    config_name = "ensemble.json"
+
+    def __init__(self, router: RouterModel, experts: list[nn.Module], metas: list[dict], strategy: str = DEFAULT_STRATEGY):
+        super().__init__()
+        if not experts:
+            raise UsageError("an ensemble needs at least one expert, got none")
+        metas, experts = zip(*sorted(zip(metas, experts), key=lambda p: p[0]["island"]))
+        self.metas = list(metas)
+        k = router.config.num_experts
+        if self.metas[0]["k"] != k:
+            raise UsageError(f"router has K={k} but the experts' manifest has K={self.metas[0]['k']}")
+        rc, ec = router.config, experts[0].config
+        if (rc.sample_size, rc.in_channels) != (ec.sample_size, ec.in_channels):
+            raise UsageError(
+                f"router expects {rc.in_channels}x{rc.sample_size}x{rc.sample_size} samples, "
+                f"experts make {ec.in_channels}x{ec.sample_size}x{ec.sample_size}"
+            )
+        for key in ("flow", "manifest_fingerprint"):
+            if rc.get(key) is not None and rc.get(key) != self.metas[0].get(key):
+                raise UsageError(f"router was trained for {key}={rc.get(key)!r}, the experts have {self.metas[0].get(key)!r}")
+        if rc.num_classes and rc.num_classes != self.metas[0]["num_classes"]:
+            raise UsageError(f"router has {rc.num_classes} classes, the experts {self.metas[0]['num_classes']}")
+        self.router = router
+        self.experts = nn.ModuleList(experts)
+        self.islands = [m["island"] for m in self.metas]
+        self.strategy = parse_strategy(strategy, k)
+        self.register_to_config(
+            strategy=str(self.strategy), islands=self.islands, num_experts=k, **{key: ec.get(key) for key in SHAPE_KEYS}
+        )
+        self.register_buffer("present", torch.tensor(self.islands), persistent=False)
+        self.routing_weights: list[torch.Tensor] = []
+        self.routing_generator: torch.Generator | None = None
+
+    @classmethod
+    def from_dirs(cls, router_dir, expert_dirs, strategy: str = DEFAULT_STRATEGY, device=None, dtype=None) -> "DDMEnsemble":
+        """Router directory + any subset of expert directories (a failed island is simply not given)."""
+        expert_dirs = list(expert_dirs)
+        if not expert_dirs:
+            raise UsageError("an ensemble needs at least one expert directory, got none")
+        router = load_router(router_dir, device, dtype)
+        parse_strategy(strategy, router.config.num_experts)  # fail before loading the experts
+        loaded = [load_expert(p, device=device, dtype=dtype) for p in expert_dirs]
+        metas = [m for _, m in loaded]
+        check_experts(metas, [dict(model.config) for model, _ in loaded], expert_dirs)
+        return cls(router, [model for model, _ in loaded], metas, strategy)
+
+    def reset_routing(self, generator: torch.Generator | None = None) -> None:
+        """Start a generation: clear the routing record; `sample:K` draws from a generator seeded by the sampler's."""
+        self.routing_weights = []
+        self.routing_generator = None
+        if generator is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+            self.routing_generator = torch.Generator(generator.device).manual_seed(seed)
+
+    def route(self, hidden_states, timestep, class_labels=None) -> torch.Tensor:
+        """(B, P) weights over the experts present (router probabilities renormalized over them, then the strategy)."""
+        logits = self.router(hidden_states, timestep, class_labels)[:, self.present]
+        return self.strategy.weights(logits.float().softmax(dim=1), self.routing_generator)
+
+    def forward(self, hidden_states, timestep=None, class_labels=None, cross_attention_kwargs=None, return_dict=True):
+        batch = hidden_states.shape[0]
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        timestep = timestep.expand(batch) if timestep.dim() == 0 else timestep
+        weights = self.route(hidden_states, timestep, class_labels)
+        self.routing_weights.append(
+            torch.zeros(batch, self.config.num_experts, dtype=weights.dtype, device=weights.device).index_copy_(1, self.present, weights)
+        )
+        chosen = weights > 0
+        counts = chosen.sum(0).tolist()  # one host sync per step: the per-expert batch sizes
+        rows_by_expert = chosen.t().nonzero()[:, 1].split(counts)
+        out = torch.zeros_like(hidden_states)
+        for expert, rows, w, n in zip(self.experts, rows_by_expert, weights.t(), counts):
+            if n == 0:
+                continue
+            if n == batch:  # the whole batch: no gather, so one routed expert reproduces the expert exactly
+                v = expert(hidden_states, timestep, class_labels, cross_attention_kwargs).sample
+                out += v * w.view(-1, 1, 1, 1).to(v.dtype)
+            else:
+                labels = None if class_labels is None else class_labels[rows]
+                v = expert(hidden_states[rows], timestep[rows], labels, cross_attention_kwargs).sample
+                out.index_add_(0, rows, v * w[rows].view(-1, 1, 1, 1).to(v.dtype))
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """router/ + expert_<island>/ (EMA weights + expert.json) + ensemble.json naming them and the strategy."""
+        final = Path(save_directory)
+        staging = staging_dir(final)
+        self.router.save_pretrained(staging / "router")
+        names = []
+        for expert, meta in zip(self.experts, self.metas):
+            name = f"expert_{meta['island']}"
+            expert.save_pretrained(staging / name)
+            atomic_write_json(staging / name / "expert.json", meta)
+            names.append(name)
+        atomic_write_json(staging / self.config_name, {"format": ENSEMBLE_FORMAT, "router": "router", "experts": names, "strategy": str(self.strategy)})
+        atomic_replace_dir(staging, final)
+
+    @classmethod
+    def from_pretrained(cls, path, strategy: str | None = None, device=None, torch_dtype=None, **kwargs) -> "DDMEnsemble":
+        path = Path(path)
+        try:
+            spec = json.loads((path / cls.config_name).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"not an ensemble directory ({cls.config_name} unreadable): {path}: {e}") from None
+        if spec.get("format") != ENSEMBLE_FORMAT:
+            raise UsageError(f"{path / cls.config_name}: unknown format {spec.get('format')!r}, expected {ENSEMBLE_FORMAT}")
+        return cls.from_dirs(
+            path / spec["router"], [path / e for e in spec["experts"]], strategy or spec["strategy"], device, torch_dtype
+        )
