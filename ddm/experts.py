@@ -95,7 +95,7 @@ def write_expert(out: str | Path, ema_model: torch.nn.Module, raw_model: torch.n
     from ddm.io import atomic_write_json, staging_dir
 
     out = Path(out)
-    staging = staging_dir(out)
+    staging = staging_dir(out / ".expert")  # inside `out`: an island writes nowhere else
     try:
         ema_model.save_pretrained(staging)
         raw_model.save_pretrained(staging / "raw")
