@@ -74,7 +74,8 @@ def load_expert(path: str | Path, weights: str = "ema", device=None, dtype=None)
     if weights not in ("ema", "raw"):
         raise UsageError(f"weights must be 'ema' or 'raw', got {weights!r}")
     try:
-        model = cls.from_pretrained(path, subfolder="raw" if weights == "raw" else None, torch_dtype=dtype)
+        # not subfolder="raw": diffusers then prefers the top-level (EMA) weights file when one exists
+        model = cls.from_pretrained(path / "raw" if weights == "raw" else path, torch_dtype=dtype)
     except (OSError, SafetensorError, ValueError, EnvironmentError) as e:
         raise UsageError(f"cannot load expert weights from {path}: {str(e).splitlines()[0]}") from None
     if device is not None:
