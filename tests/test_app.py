@@ -1,0 +1,194 @@
+"""The Gradio app over real HTTP (gradio_client) and in headless Chromium (playwright).
+
+One app process serves the whole module: it is started as `python app.py` on a free localhost port, with its
+defaults pointed at a tiny demo tree built here (a manifest, three tiny island experts, a monolith, a router
+ensemble), exactly the layout `make demo` writes under outputs/demo.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from ddm.data import DigitsDataset
+from ddm.experts import build_dit, load_expert, write_expert
+from ddm.flow import FlowConfig
+from ddm.manifest import Manifest
+from router.ensemble import DDMEnsemble
+from router.model import RouterModel
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "outputs" / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+K = 3
+
+
+def build_demo_tree(demo: Path) -> None:
+    """manifest/, experts/island-K/ + experts/monolith/ (with metrics.jsonl), ensemble/ (router + experts)."""
+    torch.manual_seed(0)
+    data = DigitsDataset()
+    manifest = Manifest(
+        k=K, data="digits", data_fingerprint=data.fingerprint, method="kmeans", extractor="pixels", seed=0,
+        assignments=data.labels % K, centroids=torch.zeros(K, 64), image_size=8,
+    )
+    manifest.save(demo / "manifest")
+    flow = FlowConfig().to_dict()
+    for island in [*range(K), "all"]:
+        out = demo / "experts" / (f"island-{island}" if island != "all" else "monolith")
+        model = build_dit("tiny", 8, 1, 10)
+        meta = {"island": island, "k": K, "manifest_fingerprint": manifest.fingerprint, "flow": flow, "num_classes": 10}
+        write_expert(out, model, model, meta)
+        log = [{"step": s, "loss": 1.0 / (s + 1) + 0.05 * (island == "all")} for s in range(0, 50, 5)]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + '{"step": 55, "lo')
+    experts = [load_expert(demo / "experts" / f"island-{k}") for k in range(K)]
+    router = RouterModel(num_experts=K, sample_size=8, in_channels=1, num_classes=10, hidden_dim=32, flow=flow,
+                         manifest_fingerprint=manifest.fingerprint)
+    DDMEnsemble(router, [m for m, _ in experts], [meta for _, meta in experts], "top1").save_pretrained(demo / "ensemble")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(url, demo dir, allowed root) of a running `python app.py`."""
+    root = tmp_path_factory.mktemp("app")
+    demo = root / "demo"
+    build_demo_tree(demo)
+    (demo / "escape").symlink_to("/etc")  # inside an allowed root, but resolves outside it
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, str(REPO / "app.py"), "--port", str(port), "--allow-dir", str(root), "--demo-dir", str(demo)],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"app did not start:\n{(root / 'server.log').read_text()}")
+        time.sleep(0.3)
+    yield url, demo, root
+    server.terminate()
+    server.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return Client(served[0], verbose=False)
+
+
+def png(path) -> Image.Image:
+    image = Image.open(path)
+    assert image.format == "PNG"
+    return image
+
+
+def test_generate_images_with_routing_and_monolith(client, served):
+    _, demo, _ = served
+    args = dict(ensemble_dir=str(demo / "ensemble"), strategy="topk:2", steps=4, cfg=1.5, seed=7, class_label="random",
+                count=3, compare=True, monolith_dir=str(demo / "experts" / "monolith"))
+    images, routing, monolith = client.predict(**args, api_name="/generate_images")
+    assert len(images) == 3 and len(monolith) == 3
+    for item in images + monolith:
+        assert png(item["image"]).size == (8, 8)
+    assert all(item["caption"].startswith("class ") and "expert " in item["caption"] for item in images)
+    assert routing["type"] == "matplotlib" and routing["plot"].startswith("data:image/")
+    again, _, _ = client.predict(**args, api_name="/generate_images")  # same seed, same images
+    assert [png(a["image"]).tobytes() for a in again] == [png(b["image"]).tobytes() for b in images]
+    assert [png(a["image"]).tobytes() for a in again] != [png(b["image"]).tobytes() for b in monolith]
+
+
+def test_islands_and_one_sample_per_expert(client, served):
+    _, demo, _ = served
+    sizes, clusters, curves = client.predict(str(demo / "manifest"), str(demo / "experts"), 5, api_name="/islands")
+    assert sizes["type"] == curves["type"] == "matplotlib"
+    expected = Manifest.load(demo / "manifest").sizes
+    assert [c["caption"].split(" · ")[0] for c in clusters] == [f"island {k}: {n} samples" for k, n in enumerate(expected)]
+    assert png(clusters[0]["image"]).size == (3 * 9 - 1, 2 * 9 - 1)  # five 8×8 samples on a 3×2 grid, 1-pixel gaps
+    samples = client.predict(str(demo / "experts"), 3, 0, "4", api_name="/expert_samples")
+    assert [s["caption"] for s in samples] == [f"{name} · class 4" for name in ("island-0", "island-1", "island-2", "monolith")]
+    assert all(png(s["image"]).size == (8, 8) for s in samples)
+
+
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/etc", "escape", "escape/ssl"])
+def test_paths_outside_allowed_roots_are_refused(client, served, path):
+    _, demo, _ = served
+    path = str(demo / path) if path.startswith("escape") else path
+    with pytest.raises(AppError, match="outside the folders this app may read"):
+        client.predict(path, "top1", 2, 1.0, 0, "1", 1, False, "", api_name="/generate_images")
+    with pytest.raises(AppError, match="outside the folders this app may read"):
+        client.predict(path, str(demo / "experts"), 4, api_name="/islands")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(strategy="topk:9"), "k must be an integer in 1..3"),
+        (dict(strategy="bogus"), "unknown strategy 'bogus'"),
+        (dict(class_label="12"), "Class must be 'random' or a number in 0..9, got '12'"),
+        (dict(ensemble_dir="experts/nowhere"), "is not a directory"),
+        (dict(compare=True, monolith_dir=""), "Monolith directory: please enter a directory"),
+    ],
+)
+def test_bad_image_inputs_get_friendly_errors(client, served, change, message):
+    _, demo, _ = served
+    args = dict(ensemble_dir=str(demo / "ensemble"), strategy="top1", steps=2, cfg=1.0, seed=0, class_label="1",
+                count=1, compare=False, monolith_dir="")
+    if change.get("ensemble_dir"):
+        change["ensemble_dir"] = str(demo / change["ensemble_dir"])
+    with pytest.raises(AppError, match=message):
+        client.predict(**{**args, **change}, api_name="/generate_images")
+
+
+def test_browser_generates_and_screenshots_every_tab(served):
+    url, _, _ = served
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: `make test` installs it with apt-get (Debian's chromium package)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(url)
+        page.get_by_role("tab", name="Images").click()
+        page.get_by_role("button", name="Generate").click()
+        page.locator("#ensemble-gallery img").first.wait_for(timeout=60_000)
+        page.get_by_text("Routing weights per expert").wait_for()
+        page.screenshot(path=ARTIFACTS / "app-images.png", full_page=True)
+        page.get_by_role("tab", name="Islands").click()
+        page.get_by_role("button", name="Show islands").click()
+        page.get_by_text("island 0:").first.wait_for(timeout=60_000)
+        page.get_by_role("button", name="One sample per expert").click()
+        page.get_by_text("monolith · class").first.wait_for(timeout=60_000)
+        page.screenshot(path=ARTIFACTS / "app-islands.png", full_page=True)
+        browser.close()
+    for name in ("app-images.png", "app-islands.png"):
+        assert png(ARTIFACTS / name).size[0] >= 1280
