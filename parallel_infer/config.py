@@ -1,0 +1,84 @@
+"""DualParal settings, their validation, and the frame layout they imply (DESIGN.md section 3).
+
+Everything here is checked before any model loads or any process starts, so a bad value costs nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ddm import UsageError
+
+
+@dataclass(frozen=True)
+class DualParalConfig:
+    frames: int  # latent frames F = block + cat + (num_blocks - 1) * block
+    steps: int = 50
+    block: int = 8
+    cat: int = 4
+    cfg: float = 5.0  # guidance scale; 1.0 runs the conditional branch alone
+    flow_shift: float = 3.0
+    seed: int = 0
+    feature_cache: bool = True  # False: blocks do not attend to the next block's keys/values (ablation)
+    coordinated_noise: bool = True  # False: i.i.d. Gaussian noise per block (ablation)
+
+    def __post_init__(self):
+        for name in ("frames", "steps", "block", "cat"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        if self.cat >= self.block:
+            raise UsageError(f"context size cat={self.cat} must be smaller than the block size block={self.block}")
+        if not self.cfg > 0:
+            raise UsageError(f"guidance scale cfg must be > 0, got {self.cfg}")
+        if not self.flow_shift > 0:
+            raise UsageError(f"flow shift must be > 0, got {self.flow_shift}")
+        if self.seed < 0:
+            raise UsageError(f"seed must be >= 0, got {self.seed}")
+        extra = self.frames - self.block - self.cat
+        if extra < 0 or extra % self.block:
+            raise UsageError(
+                f"{self.frames} latent frames do not fit the block layout block + cat + n*block "
+                f"(block={self.block}, cat={self.cat}); nearest valid: {', '.join(map(str, fitting_frames(self.frames, self.block, self.cat)))}"
+            )
+
+    @property
+    def num_blocks(self) -> int:
+        return 1 + (self.frames - self.block - self.cat) // self.block
+
+    @property
+    def num_iterations(self) -> int:
+        return self.steps + self.num_blocks - 1
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg != 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fitting_frames(frames: int, block: int, cat: int) -> list[int]:
+    """The valid latent frame counts nearest to `frames` (the layout is block + cat + n * block)."""
+    first = block + cat
+    if frames < first:
+        return [first]
+    below = first + (frames - first) // block * block
+    return [below, below + block]
+
+
+def latent_frames_covering(frames: int, block: int, cat: int) -> int:
+    """The smallest valid latent layout with at least `frames` latent frames."""
+    n = max(0, -(-(frames - block - cat) // block))
+    return block + cat + n * block
+
+
+def split_layers(num_layers: int, world_size: int) -> list[range]:
+    """Contiguous layer ranges per rank, the remainder on the lowest ranks (30 on 4 ranks -> 8/8/7/7)."""
+    if world_size <= 0:
+        raise UsageError(f"the number of ranks must be positive, got {world_size}")
+    if world_size > num_layers:
+        raise UsageError(f"{world_size} ranks but the model has only {num_layers} layers: use at most {num_layers} ranks")
+    base, rest = divmod(num_layers, world_size)
+    sizes = [base + (r < rest) for r in range(world_size)]
+    starts = [sum(sizes[:r]) for r in range(world_size)]
+    return [range(s, s + n) for s, n in zip(starts, sizes)]

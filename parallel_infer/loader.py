@@ -1,0 +1,186 @@
+"""What `--model DIR` accepts, read by one loader.
+
+(a) A diffusers Wan folder (e.g. a local `Wan2.1-T2V-1.3B-Diffusers`):
+      transformer/               WanTransformer3DModel (required)
+      vae/                       AutoencoderKLWan; absent = pixel space (channels are pixels in [-1, 1])
+      text_encoder/ + tokenizer/ UMT5EncoderModel + its tokenizer, or instead
+      prompt_embeds.safetensors  precomputed embeddings: tensor "i" [L, D] is the embedding of line i of
+      prompts.json               (a JSON list of prompt strings); "" there is the unconditional prompt
+      scheduler/                 optional; its shift (or flow_shift) is the default flow shift
+(b) One of our video expert directories: expert.json (model_class WanTransformer3DModel, EMA weights at the
+    top, read by ddm.experts.load_expert) and prompt_encoder/ (ddm.prompt_encoder.PromptEncoder).
+
+`inspect_model` reads only JSON, so every setting can be checked before any weight loads or process starts.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ddm import UsageError
+
+TEXT_TOKENS = 512  # Wan's text length: UMT5 output padded with zeros to this many tokens
+DEFAULT_FLOW_SHIFT = 3.0  # Wan2.1 T2V at 480p
+DEFAULT_SIZE = (480, 832)  # Wan2.1 T2V 1.3B resolution, pixels
+
+
+def _read_json(path: Path) -> dict | list:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+
+
+@dataclass
+class ModelInfo:
+    """What settings are checked against, from JSON alone."""
+
+    path: Path
+    kind: str  # "diffusers" or "expert"
+    num_layers: int
+    channels: int
+    patch_size: tuple[int, int, int]
+    vae: dict | None = None  # the VAE config, None in pixel space
+    scheduler: dict | None = None
+    flow_shift: float = DEFAULT_FLOW_SHIFT
+    size: tuple[int, int] = DEFAULT_SIZE  # default output height, width in pixels
+    prompts: str = ""  # where prompt embeddings come from, for messages
+
+    @property
+    def temporal_scale(self) -> int:
+        return self.vae.get("scale_factor_temporal", 4) if self.vae else 1
+
+    @property
+    def spatial_scale(self) -> int:
+        return self.vae.get("scale_factor_spatial", 8) if self.vae else 1
+
+    def latent_frames(self, frames: int) -> int:
+        """Video frames -> latent frames (Wan's VAE: the first frame alone, then `temporal_scale` per latent)."""
+        s = self.temporal_scale
+        if s == 1:
+            return frames
+        if frames < 1 or (frames - 1) % s:
+            raise UsageError(f"{frames} frames: with this VAE the frame count must be {s}*n + 1 (e.g. {s * max(1, (frames - 1) // s) + 1})")
+        return (frames - 1) // s + 1
+
+    def video_frames(self, latent_frames: int) -> int:
+        s = self.temporal_scale
+        return latent_frames if s == 1 else s * (latent_frames - 1) + 1
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        s, (_, p_h, p_w) = self.spatial_scale, self.patch_size
+        if height <= 0 or width <= 0 or height % (s * p_h) or width % (s * p_w) or height % 2 or width % 2:
+            raise UsageError(f"frame size {height}x{width} must be even and divisible by {s * p_h}x{s * p_w} for this model")
+        return height // s, width // s
+
+
+def inspect_model(path: str | Path) -> ModelInfo:
+    path = Path(path)
+    if (path / "expert.json").is_file():
+        meta = _read_json(path / "expert.json")
+        if meta.get("model_class") != "WanTransformer3DModel":
+            raise UsageError(f"{path}: expert model class {meta.get('model_class')!r} is not a WanTransformer3DModel")
+        if not (path / "prompt_encoder").is_dir():
+            raise UsageError(f"{path}: video expert without a prompt_encoder/ folder")
+        config = _read_json(path / "config.json")
+        size = meta.get("size", DEFAULT_SIZE[0])
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        shift = meta.get("flow", {}).get("shift", DEFAULT_FLOW_SHIFT)
+        return ModelInfo(path, "expert", config["num_layers"], config["in_channels"], tuple(config["patch_size"]),
+                         flow_shift=shift, size=size, prompts="prompt_encoder/")
+    if not (path / "transformer" / "config.json").is_file():
+        raise UsageError(f"{path}: not a model directory (need transformer/config.json or expert.json)")
+    config = _read_json(path / "transformer" / "config.json")
+    vae = _read_json(path / "vae" / "config.json") if (path / "vae").is_dir() else None
+    scheduler = _read_json(path / "scheduler" / "scheduler_config.json") if (path / "scheduler").is_dir() else None
+    if (path / "text_encoder").is_dir() and (path / "tokenizer").is_dir():
+        prompts = "text_encoder/ + tokenizer/"
+    elif (path / "prompt_embeds.safetensors").is_file() and (path / "prompts.json").is_file():
+        prompts = "prompt_embeds.safetensors"
+    else:
+        raise UsageError(f"{path}: no prompt encoder: need text_encoder/ + tokenizer/, or prompt_embeds.safetensors + prompts.json")
+    if vae is None and config["in_channels"] not in (1, 3):
+        raise UsageError(f"{path}: no vae/ and {config['in_channels']} channels: a pixel-space model needs 1 or 3")
+    shift = (scheduler or {}).get("shift") or (scheduler or {}).get("flow_shift") or DEFAULT_FLOW_SHIFT
+    return ModelInfo(path, "diffusers", config["num_layers"], config["in_channels"], tuple(config["patch_size"]),
+                     vae=vae, scheduler=scheduler, flow_shift=shift, prompts=prompts)
+
+
+@dataclass
+class VideoModel:
+    info: ModelInfo
+    transformer: torch.nn.Module
+    encode_prompts: Callable[[list[str]], torch.Tensor]  # prompts -> [B, L, D]
+    vae: torch.nn.Module | None = None
+    scheduler_config: dict | None = field(default=None)
+
+
+def load_model(info: ModelInfo, device=None, dtype=torch.float32, load_vae: bool = True) -> VideoModel:
+    """The transformer (and, when asked, the VAE) in eval mode, and a prompt encoder function."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    path = info.path
+    if info.kind == "expert":
+        from ddm.experts import load_expert
+        from ddm.prompt_encoder import PromptEncoder  # written by the training side; imported only here
+
+        transformer, _ = load_expert(path, device=device, dtype=dtype)
+        encoder = PromptEncoder.from_pretrained(path / "prompt_encoder").to(device).eval()
+        return VideoModel(info, transformer, _no_grad(encoder.encode))
+    transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype).to(device).eval()
+    vae = None
+    if info.vae is not None and load_vae:  # the VAE decodes in float32: it is small and sensitive
+        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).to(device).eval()
+    if (path / "text_encoder").is_dir() and (path / "tokenizer").is_dir():
+        encode = _umt5_encoder(path, device)
+    else:
+        encode = _precomputed_embeddings(path)
+    return VideoModel(info, transformer.requires_grad_(False), encode, vae, info.scheduler)
+
+
+def _no_grad(fn):
+    def wrapped(prompts):
+        with torch.inference_mode():
+            return fn(prompts)
+
+    return wrapped
+
+
+def _umt5_encoder(path: Path, device) -> Callable[[list[str]], torch.Tensor]:
+    """As WanPipeline._get_t5_prompt_embeds: UMT5 output up to each prompt's length, zeros after."""
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder").to(device).eval()
+
+    @torch.inference_mode()
+    def encode(prompts: list[str]) -> torch.Tensor:
+        tokens = tokenizer([p.strip() for p in prompts], padding="max_length", max_length=TEXT_TOKENS,
+                           truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(device)
+        hidden = encoder(tokens.input_ids.to(device), mask).last_hidden_state
+        return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+    return encode
+
+
+def _precomputed_embeddings(path: Path) -> Callable[[list[str]], torch.Tensor]:
+    from safetensors.torch import load_file
+
+    prompts = _read_json(path / "prompts.json")
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise UsageError(f"{path / 'prompts.json'}: expected a JSON list of prompt strings")
+    tensors = load_file(path / "prompt_embeds.safetensors")
+    index = {p: i for i, p in enumerate(prompts)}
+
+    def encode(requested: list[str]) -> torch.Tensor:
+        missing = [p for p in requested if p not in index]
+        if missing:
+            raise UsageError(f"prompt {missing[0]!r} has no precomputed embedding in {path / 'prompts.json'}")
+        return torch.stack([tensors[str(index[p])] for p in requested])
+
+    return encode

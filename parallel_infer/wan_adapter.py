@@ -1,0 +1,176 @@
+"""The model-specific part of DualParal for diffusers' `WanTransformer3DModel`: embed / blocks / head.
+
+The pipeline sees a model only through this adapter, and reaches inside a block only through the
+self-attention processor below, which implements the feature cache (DESIGN.md section 3): block b also
+attends to the keys/values of the first `cat` frames of block b+1, computed when b+1 ran just before it on
+the same rank, rotated at the frame positions that continue after block b's own window.
+Another video DiT needs only another file like this one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+from ddm import UsageError
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved rotary embedding, as in diffusers' WanAttnProcessor."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class FeatureCache:
+    """What every cached self-attention processor on one rank reads before each block forward.
+
+    `use`: attend to the keys/values stored by the previous forward (block b+1, same iteration).
+    `store`: keep this forward's keys/values of `store_tokens` for the next forward (block b-1).
+    """
+
+    def __init__(self, store_tokens: slice, context_rotary: tuple[torch.Tensor, torch.Tensor]):
+        self.store_tokens = store_tokens
+        self.context_rotary = context_rotary
+        self.use = False
+        self.store = False
+
+
+class CachedSelfAttnProcessor:
+    """Wan self-attention (text-to-video, no image branch) with the DualParal feature cache."""
+
+    def __init__(self, cache: FeatureCache):
+        self.cache = cache
+        self.key = self.value = None  # block b+1's context keys (already rotated) and values
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        cache = self.cache
+        if cache.store:  # clone: keep only `cat` frames alive, not the whole block's keys
+            stored_key = apply_rotary(key[:, cache.store_tokens], *cache.context_rotary)
+            stored_value = value[:, cache.store_tokens].clone()
+        query = apply_rotary(query, *rotary_emb)
+        key = apply_rotary(key, *rotary_emb)
+        if cache.use:
+            key = torch.cat([key, self.key], dim=1)
+            value = torch.cat([value, self.value], dim=1)
+        if cache.store:
+            self.key, self.value = stored_key, stored_value
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@dataclass
+class StepConditioning:
+    """Timestep conditioning of one sampling step (every rank computes it; it is never sent)."""
+
+    temb: torch.Tensor  # [B, dim], for the head
+    timestep_proj: torch.Tensor  # [B, 6, dim], for every block
+
+
+class WanAdapter:
+    """Embed, run and un-embed windows of `window` latent frames of size `height` x `width`.
+
+    The model input of every forward has `window` = block + cat frames (DESIGN.md section 3), so the rotary
+    tables are computed once; the cached context frames sit at positions window .. window + cat - 1.
+    """
+
+    def __init__(self, model: WanTransformer3DModel, window: int, cat: int, height: int, width: int):
+        config = model.config
+        p_t, p_h, p_w = config.patch_size
+        if config.image_dim is not None or config.added_kv_proj_dim is not None:
+            raise UsageError("image-to-video Wan models are not supported: use a text-to-video transformer")
+        if p_t != 1:
+            raise UsageError(f"temporal patch size {p_t} is not supported: DualParal splits latent frames, need patch 1")
+        if height % p_h or width % p_w:
+            raise UsageError(f"latent size {height}x{width} is not divisible by the patch size {p_h}x{p_w}")
+        if window + cat > config.rope_max_seq_len:
+            raise UsageError(f"block + 2*cat = {window + cat} frames exceeds the model's rotary range {config.rope_max_seq_len}")
+        self.model = model
+        self.blocks = model.blocks
+        self.num_layers = len(model.blocks)
+        self.channels = config.in_channels
+        self.latent_size = (height, width)
+        self.grid = (height // p_h, width // p_w)
+        self.tokens_per_frame = self.grid[0] * self.grid[1]
+        self.window = window
+        self.dim = config.num_attention_heads * config.attention_head_dim
+        self.rotary = self.rotary_table(window, offset=0)
+        self.cache = FeatureCache(
+            store_tokens=slice(cat * self.tokens_per_frame, 2 * cat * self.tokens_per_frame),
+            context_rotary=self.rotary_table(cat, offset=window),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def rotary_table(self, frames: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """WanRotaryPosEmbed for frames offset .. offset + frames - 1 (diffusers' always starts at 0)."""
+        rope = self.model.rope
+        (h, w), sizes = self.grid, [rope.t_dim, rope.h_dim, rope.w_dim]
+        tables = []
+        for freqs in (rope.freqs_cos, rope.freqs_sin):
+            f, fh, fw = freqs.split(sizes, dim=1)
+            parts = (
+                f[offset : offset + frames].view(frames, 1, 1, -1).expand(frames, h, w, -1),
+                fh[:h].view(1, h, 1, -1).expand(frames, h, w, -1),
+                fw[:w].view(1, 1, w, -1).expand(frames, h, w, -1),
+            )
+            tables.append(torch.cat(parts, dim=-1).reshape(1, frames * h * w, 1, -1))
+        return tables[0], tables[1]
+
+    def install_feature_cache(self, layers: range) -> None:
+        """Route the self-attention of `layers` (this rank's) through the cached processor."""
+        for i in layers:
+            self.blocks[i].attn1.set_processor(CachedSelfAttnProcessor(self.cache))
+
+    def set_cache_flags(self, use: bool, store: bool) -> None:
+        self.cache.use, self.cache.store = use, store
+
+    def encode_text(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """[B, L, text_dim] -> [B, L, dim], once per video (shared by every step)."""
+        return self.model.condition_embedder.text_embedder(prompt_embeds.to(self.device, self.dtype))
+
+    def step_conditioning(self, timestep: torch.Tensor, batch: int) -> StepConditioning:
+        """As WanTimeTextImageEmbedding does it, for one scalar timestep repeated over the batch."""
+        emb = self.model.condition_embedder
+        t = emb.timesteps_proj(timestep.reshape(1).expand(batch).to(self.device))
+        time_dtype = next(iter(emb.time_embedder.parameters())).dtype
+        if t.dtype != time_dtype and time_dtype != torch.int8:
+            t = t.to(time_dtype)
+        temb = emb.time_embedder(t).type_as(self.model.proj_out.weight)
+        return StepConditioning(temb=temb, timestep_proj=emb.time_proj(emb.act_fn(temb)).unflatten(1, (6, -1)))
+
+    def embed(self, latents: torch.Tensor, batch: int) -> torch.Tensor:
+        """[1, C, window, H, W] latents -> [batch, tokens, dim] (the same latents for cond and uncond)."""
+        x = latents.to(self.device, self.dtype).expand(batch, -1, -1, -1, -1)  # as diffusers batches it
+        return self.model.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()
+
+    def run_block(self, index: int, hidden: torch.Tensor, text: torch.Tensor, cond: StepConditioning) -> torch.Tensor:
+        return self.blocks[index](hidden, text, cond.timestep_proj, self.rotary)
+
+    def head(self, hidden: torch.Tensor, cond: StepConditioning, frames: int) -> torch.Tensor:
+        """The prediction for the last `frames` frames of the window: [B, C, frames, H, W]."""
+        model = self.model
+        hidden = hidden[:, -frames * self.tokens_per_frame :]
+        shift, scale = (model.scale_shift_table + cond.temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden = (model.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+        hidden = model.proj_out(hidden)
+        (h, w), (_, p_h, p_w) = self.grid, model.config.patch_size
+        hidden = hidden.reshape(hidden.shape[0], frames, h, w, 1, p_h, p_w, -1)
+        return hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)

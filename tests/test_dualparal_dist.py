@@ -1,0 +1,117 @@
+"""DualParal across real processes: N-rank pipelines equal the single-process reference bit for bit, and a
+dead or hung rank makes the others exit with a clear error instead of hanging.
+
+Ranks are forked (real processes with their own gloo process group; fork spares each one the ~6 s import
+of torch + diffusers that spawn pays). One thread per process: a kernel's blocking, hence its float
+rounding, may depend on the thread count, so reference and ranks run at the same count.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from parallel_infer.config import DualParalConfig
+from parallel_infer.pipeline import PeerFailure, run_pipeline, run_reference
+from parallel_infer.tiny import tiny_transformer
+from parallel_infer.wan_adapter import WanAdapter
+
+LAYERS = 5  # not divisible by 2 or 3: the split is 3/2 and 2/2/1
+SIZE = 8  # latent height = width
+CFG = DualParalConfig(frames=6 + 4 * 4, steps=4, block=4, cat=2, cfg=4.0, seed=3)
+
+
+def make_adapter(cfg: DualParalConfig = CFG) -> WanAdapter:
+    torch.manual_seed(0)
+    return WanAdapter(tiny_transformer(LAYERS), cfg.block + cfg.cat, cfg.cat, SIZE, SIZE)
+
+
+def prompt_embeds() -> torch.Tensor:
+    return torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
+
+
+def _rank(rank, world, store, out, cfg_dict, timeout, started):
+    from parallel_infer.distributed import fail, init_with_file
+
+    torch.set_num_threads(1)
+    cfg = DualParalConfig(**cfg_dict)
+    try:
+        init_with_file(rank, world, store, timeout)
+        finals = {}
+
+        def on_block(b, latent):
+            finals[str(b)] = latent
+            started.set()
+
+        total = run_pipeline(make_adapter(cfg), cfg, prompt_embeds(), on_block, timeout=timeout)
+        if rank == 0:
+            save_file({**finals, "bytes": torch.tensor([total])}, out)
+    except PeerFailure as e:
+        fail(str(e))
+    torch.distributed.destroy_process_group()
+
+
+def start_ranks(world, tmp_path, cfg=CFG, timeout=60.0):
+    ctx = mp.get_context("fork")
+    started = ctx.Event()
+    out = str(tmp_path / f"latents-{world}.safetensors")
+    procs = [ctx.Process(target=_rank, args=(r, world, str(tmp_path / f"store-{world}"), out, cfg.to_dict(), timeout, started))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    return procs, out, started
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.set_num_threads(1)
+    finals = {}
+    with torch.inference_mode():
+        run_reference(make_adapter(), CFG, prompt_embeds(), lambda b, x: finals.__setitem__(str(b), x.clone()))
+    return finals
+
+
+def test_pipeline_equals_reference_bit_for_bit(reference, tmp_path):
+    runs = {world: start_ranks(world, tmp_path) for world in (1, 2, 3)}  # all at once: they share 2 cores
+    for world, (procs, out, _) in runs.items():
+        for p in procs:
+            p.join(120)
+            assert p.exitcode == 0, f"world {world}: a rank failed"
+        got = load_file(out)
+        assert sorted(got) == sorted(reference) + ["bytes"]
+        for b, latent in reference.items():
+            assert torch.equal(got[b], latent), f"world {world}: block {b} differs"
+        # Bytes sent: hidden states of every block-step across each of the world - 1 links, and one
+        # guided prediction per block-step back to rank 0 (block 0's carries block + cat frames).
+        items = CFG.num_blocks * CFG.steps
+        window_tokens = (CFG.block + CFG.cat) * (SIZE // 2) ** 2
+        hidden_bytes = 2 * window_tokens * 24 * 4  # [cond, uncond] x tokens x dim x float32
+        pred_bytes = 3 * SIZE * SIZE * 4 * (CFG.steps * CFG.block * (CFG.num_blocks - 1) + CFG.steps * (CFG.block + CFG.cat))
+        assert int(got["bytes"]) == (world - 1) * items * hidden_bytes + (pred_bytes if world > 1 else 0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "hangs"])
+def test_a_lost_rank_makes_the_others_exit_with_a_clear_error(sig, tmp_path, capfd):
+    timeout = 3.0
+    cfg = DualParalConfig(frames=6 + 4 * 40, steps=8, block=4, cat=2, cfg=4.0, seed=3)  # long enough to be mid-run
+    procs, _, started = start_ranks(3, tmp_path, cfg, timeout)
+    victim, survivors = procs[1], [procs[0], procs[2]]
+    try:
+        assert started.wait(60), "rank 0 never finished a block"
+        os.kill(victim.pid, sig)
+        lost = time.monotonic()
+        for p in survivors:
+            p.join(60)
+        waited = time.monotonic() - lost
+        assert all(p.exitcode == 1 for p in survivors), [p.exitcode for p in survivors]
+    finally:
+        victim.kill()
+        victim.join()
+    err = capfd.readouterr().err
+    assert "error: rank 0: no answer from rank" in err and "error: rank 2: no answer from rank 1" in err, err
+    print(f"survivors exited {waited:.1f} s after rank 1 was {sig.name}ed (timeout {timeout} s)")
