@@ -51,7 +51,12 @@ def pixels_pca(dataset) -> np.ndarray:
     return PCA(n_components=dim, svd_solver="full").fit_transform(x).astype(np.float32)
 
 
-EXTRACTORS: dict[str, Callable] = {"pixels-pca": pixels_pca, "pixels": pixels}
+def clip_params(dataset) -> np.ndarray:
+    """Moving-digit clips: digit histogram, motion, start position (MovingDigitsDataset.features)."""
+    return dataset.features().numpy()
+
+
+EXTRACTORS: dict[str, Callable] = {"pixels-pca": pixels_pca, "pixels": pixels, "clip-params": clip_params}
 
 
 def _checkpoint_id(path: Path, model_type: str) -> str:

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from ddm import UsageError
 
-MODALITIES = {"image": "ddm.modality:ImageModality"}
+MODALITIES = {"image": "ddm.modality:ImageModality", "video": "ddm.video_modality:VideoModality"}
 
 
 def get_modality(name: str) -> type["Modality"]:

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         method, assignments = "kmeans", kmeans(features, args.k, args.seed)
     manifest = Manifest(
         k=args.k,
-        data=args.data if args.data == "digits" else str(Path(args.data).resolve()),
+        data=args.data if args.data == "digits" or args.data.startswith("moving-digits") else str(Path(args.data).resolve()),
         data_fingerprint=dataset.fingerprint,
         method=method,
         extractor=extractor,

@@ -152,6 +152,11 @@ class MovingDigitsDataset(Dataset):
         labels[: len(p["labels"])] = torch.tensor(p["labels"])
         return self.render(p), p["prompt"], labels, i
 
+    @functools.cached_property
+    def labels(self) -> torch.Tensor:
+        """(N,) the first digit of each clip (a partition summary shows the label mix of each island)."""
+        return torch.tensor([self.params(i)["labels"][0] for i in range(len(self))], dtype=torch.int64)
+
     def features(self, indices=None) -> torch.Tensor:
         """Per-clip features for partitioning into islands (N, 17): digit histogram (10), motion one-hot (5),
         mean start position / canvas (2). Computed from each clip's parameters, without rendering it."""
