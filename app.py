@@ -18,10 +18,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from app_actions import APP_DIR, MAX_IMAGES, MAX_STEPS, Actions, AllowedRoots
+from app_actions import APP_DIR, MAX_IMAGES, MAX_SECONDS, MAX_STEPS, MAX_WORKERS, Actions, AllowedRoots
 
 # Small images (8×8 digits) stay crisp when the browser enlarges them.
-CSS = ".pixelated img { image-rendering: pixelated; }"
+CSS = ".pixelated img, .pixelated video { image-rendering: pixelated; }"
 STRATEGIES = ["top1", "full", "topk:2", "threshold:0.1", "sample:1"]
 CLASSES = ["random", *map(str, range(10))]
 
@@ -64,6 +64,41 @@ def build_app(actions: Actions, demo_dir: str) -> gr.Blocks:
             api_name="generate_images",
             concurrency_id="images",
             concurrency_limit=2,
+        )
+
+        with gr.Tab("Video", id="video"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    video_model_dir = gr.Textbox(
+                        f"{demo_dir}/video-model", label="Model directory (our video expert or a local Wan2.1 diffusers folder)"
+                    )
+                    prompt = gr.Textbox("a 3 moving right", label="Prompt")
+                    with gr.Row():
+                        seconds = gr.Number(4, minimum=0.05, maximum=MAX_SECONDS, label="Length (seconds)", elem_id="video-seconds")
+                        fps = gr.Slider(1, 60, value=16, step=1, label="fps")
+                    with gr.Row():
+                        height = gr.Number(0, precision=0, minimum=0, label="Height (0 = the model's)", elem_id="video-height")
+                        width = gr.Number(0, precision=0, minimum=0, label="Width (0 = the model's)", elem_id="video-width")
+                    with gr.Row():
+                        video_steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="video-steps")
+                        video_cfg = gr.Slider(1.0, 20.0, value=5.0, step=0.1, label="CFG scale")
+                    with gr.Row():
+                        block = gr.Slider(1, 64, value=8, step=1, label="Block size (latent frames)")
+                        cat = gr.Slider(0, 63, value=4, step=1, label="Context size (latent frames)")
+                    with gr.Row():
+                        video_seed = gr.Number(0, precision=0, label="Seed")
+                        workers = gr.Slider(1, MAX_WORKERS, value=min(2, MAX_WORKERS), step=1, label="Worker processes", elem_id="video-workers")
+                    render_button = gr.Button("Render", variant="primary")
+                with gr.Column(scale=2):
+                    video = gr.Video(label="Video", height=420, autoplay=True, loop=True, elem_id="video-player", elem_classes="pixelated")
+                    video_record = gr.JSON(label="Settings, frames and timings")
+        render_button.click(
+            actions.render_video,
+            inputs=[video_model_dir, prompt, seconds, fps, height, width, video_steps, block, cat, video_cfg, video_seed, workers],
+            outputs=[video, video_record],
+            api_name="render_video",
+            concurrency_id="video",
+            concurrency_limit=1,  # a render already uses several processes; the next one waits in the queue
         )
 
         with gr.Tab("Islands", id="islands"):

@@ -8,6 +8,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import tempfile
+import uuid
 from pathlib import Path
 
 import gradio as gr
@@ -24,6 +27,9 @@ APP_DIR = Path(__file__).resolve().parent
 UserError = functools.partial(gr.Error, print_exception=False)
 MAX_STEPS = 200
 MAX_IMAGES = 16
+MAX_SECONDS = 600
+MAX_PIXELS = 1280
+MAX_WORKERS = max(1, os.cpu_count() or 1)
 
 
 class AllowedRoots:
@@ -183,6 +189,8 @@ class Actions:
 
     def __init__(self, roots: AllowedRoots):
         self.roots = roots
+        # Rendered MP4s land here; Gradio copies what it serves into its own cache. Removed when the app exits.
+        self.scratch = tempfile.TemporaryDirectory(prefix="ddm-app-")
 
     @friendly
     def islands(self, manifest_dir: str, experts_dir: str, per_cluster: int = 8):
@@ -269,3 +277,36 @@ class Actions:
             ).images[0]
             samples.append((image, f"{expert_dir.name} · class {labels.item()}"))
         return samples
+
+    @friendly
+    def render_video(
+        self, model_dir: str, prompt: str, seconds, fps, height, width, steps, block, cat, cfg, seed, workers,
+        progress=gr.Progress(),
+    ):
+        """One MP4 from `prompt` through DualParal on `workers` local processes; progress = blocks done / total."""
+        from parallel_infer.api import render_video
+
+        model_path = self.roots.dir(model_dir, "Video model directory")
+        prompt = (prompt or "").strip()
+        if not prompt:
+            raise UserError("Prompt: please enter a prompt.")
+        seconds = float_in_range(seconds, "Length (seconds)", 0.05, MAX_SECONDS)
+        fps = int_in_range(fps, "fps", 1, 60)
+        # 0 = the model's own size
+        height = int_in_range(height, "Height (pixels, 0 = the model's)", 0, MAX_PIXELS) or None
+        width = int_in_range(width, "Width (pixels, 0 = the model's)", 0, MAX_PIXELS) or None
+        steps = int_in_range(steps, "Steps", 1, MAX_STEPS)
+        block = int_in_range(block, "Block size", 1, 64)
+        cat = int_in_range(cat, "Context size", 0, 63)
+        if cat >= block:
+            raise UserError(f"Context size ({cat}) must be smaller than the block size ({block}).")
+        cfg = float_in_range(cfg, "CFG scale", 1.0, 20.0)
+        seed = int_in_range(seed, "Seed", 0, 2**31 - 1)
+        workers = int_in_range(workers, "Worker processes", 1, MAX_WORKERS)
+        out = Path(self.scratch.name) / f"video-{uuid.uuid4().hex[:12]}.mp4"
+        progress(0, desc="loading the model")
+        record = render_video(
+            model_path, prompt, out, seconds=seconds, ranks=workers, fps=fps, height=height, width=width, steps=steps, block=block, cat=cat,
+            cfg=cfg, seed=seed, progress_callback=lambda done, total: progress((done, total), desc="blocks", unit="blocks"),
+        )
+        return str(out), record

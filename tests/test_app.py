@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import imageio_ffmpeg
 import pytest
 import torch
 from gradio_client import Client
@@ -25,6 +26,7 @@ from ddm.data import DigitsDataset
 from ddm.experts import build_dit, load_expert, write_expert
 from ddm.flow import FlowConfig
 from ddm.manifest import Manifest
+from parallel_infer.tiny import write_tiny_model
 from router.ensemble import DDMEnsemble
 from router.model import RouterModel
 
@@ -36,6 +38,7 @@ CHROMIUM_FLAGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]
 K = 3
+VIDEO_PROMPT = "a cat runs"
 
 
 def build_demo_tree(demo: Path) -> None:
@@ -59,6 +62,7 @@ def build_demo_tree(demo: Path) -> None:
     router = RouterModel(num_experts=K, sample_size=8, in_channels=1, num_classes=10, hidden_dim=32, flow=flow,
                          manifest_fingerprint=manifest.fingerprint)
     DDMEnsemble(router, [m for m, _ in experts], [meta for _, meta in experts], "top1").save_pretrained(demo / "ensemble")
+    write_tiny_model(demo / "video-model", layers=3, prompts=(VIDEO_PROMPT, ""))
 
 
 def free_port() -> int:
@@ -72,8 +76,6 @@ def served(tmp_path_factory):
     """(url, demo dir, allowed root) of a running `python app.py`."""
     root = tmp_path_factory.mktemp("app")
     demo = root / "demo"
-    build_demo_tree(demo)
-    (demo / "escape").symlink_to("/etc")  # inside an allowed root, but resolves outside it
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     log = open(root / "server.log", "w")
@@ -81,22 +83,25 @@ def served(tmp_path_factory):
         [sys.executable, str(REPO / "app.py"), "--port", str(port), "--allow-dir", str(root), "--demo-dir", str(demo)],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"app did not start:\n{(root / 'server.log').read_text()}")
-        time.sleep(0.3)
-    yield url, demo, root
-    server.terminate()
-    server.wait(timeout=10)
-    log.close()
+    try:
+        build_demo_tree(demo)  # while the app starts: it reads nothing before a button is pressed
+        (demo / "escape").symlink_to("/etc")  # inside an allowed root, but resolves outside it
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"app did not start:\n{(root / 'server.log').read_text()}")
+            time.sleep(0.3)
+        yield url, demo, root
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +140,36 @@ def test_islands_and_one_sample_per_expert(client, served):
     samples = client.predict(str(demo / "experts"), 3, 0, "4", api_name="/expert_samples")
     assert [s["caption"] for s in samples] == [f"{name} · class 4" for name in ("island-0", "island-1", "island-2", "monolith")]
     assert all(png(s["image"]).size == (8, 8) for s in samples)
+
+
+def test_render_video_on_two_worker_processes(client, served):
+    _, demo, _ = served
+    args = dict(model_dir=str(demo / "video-model"), prompt=VIDEO_PROMPT, seconds=1.5, fps=8, height=16, width=24,
+                steps=3, block=4, cat=2, cfg=1.0, seed=3)
+    video, record = client.predict(**args, workers=2, api_name="/render_video")
+    assert imageio_ffmpeg.count_frames_and_secs(video)[0] == 12 == record["frames_written"]  # 1.5 s at 8 fps
+    assert record["ranks"] == 2 and (record["settings"]["height"], record["settings"]["width"]) == (16, 24)
+    meta, *frames = imageio_ffmpeg.read_frames(video)
+    assert meta["size"] == (24, 16) and len(frames) == 12
+    single, _ = client.predict(**args, workers=1, api_name="/render_video")  # DualParal: the same video on one process
+    assert list(imageio_ffmpeg.read_frames(single))[1:] == frames
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(cat=4), "Context size \\(4\\) must be smaller than the block size \\(4\\)"),
+        (dict(prompt="  "), "Prompt: please enter a prompt"),
+        (dict(workers=99), "Value 99 is greater than maximum value"),
+        (dict(model_dir="../../etc/passwd"), "outside the folders this app may read"),
+    ],
+)
+def test_bad_video_inputs_get_friendly_errors(client, served, change, message):
+    _, demo, _ = served
+    args = dict(model_dir=str(demo / "video-model"), prompt=VIDEO_PROMPT, seconds=1, fps=8, height=16, width=16,
+                steps=2, block=4, cat=2, cfg=1.0, seed=0, workers=1)
+    with pytest.raises(AppError, match=message):
+        client.predict(**{**args, **change}, api_name="/render_video")
 
 
 @pytest.mark.parametrize("path", ["../../etc/passwd", "/etc", "escape", "escape/ssl"])
@@ -183,6 +218,14 @@ def test_browser_generates_and_screenshots_every_tab(served):
         page.locator("#ensemble-gallery img").first.wait_for(timeout=60_000)
         page.get_by_text("Routing weights per expert").wait_for()
         page.screenshot(path=ARTIFACTS / "app-images.png", full_page=True)
+        page.get_by_role("tab", name="Video").click()
+        page.get_by_label("Prompt").fill(VIDEO_PROMPT)
+        for field, value in [("seconds", "1"), ("height", "32"), ("width", "32"), ("steps", "3"), ("workers", "1")]:
+            page.locator(f"#video-{field} input[type=number]").fill(value)
+            page.locator(f"#video-{field} input[type=number]").press("Enter")
+        page.get_by_role("button", name="Render").click()
+        page.locator("#video-player video").wait_for(timeout=60_000)
+        page.screenshot(path=ARTIFACTS / "app-video.png", full_page=True)
         page.get_by_role("tab", name="Islands").click()
         page.get_by_role("button", name="Show islands").click()
         page.get_by_text("island 0:").first.wait_for(timeout=60_000)
@@ -190,5 +233,5 @@ def test_browser_generates_and_screenshots_every_tab(served):
         page.get_by_text("monolith · class").first.wait_for(timeout=60_000)
         page.screenshot(path=ARTIFACTS / "app-islands.png", full_page=True)
         browser.close()
-    for name in ("app-images.png", "app-islands.png"):
+    for name in ("app-images.png", "app-video.png", "app-islands.png"):
         assert png(ARTIFACTS / name).size[0] >= 1280
