@@ -205,8 +205,10 @@ def run(args: argparse.Namespace) -> int:
         start_step, wall_before = state["step"], state["wall_time"]
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        for leftover in out.glob(".state*.staging"):  # a checkpoint a kill interrupted
+        for leftover in out.glob(".*.staging"):  # a checkpoint a kill interrupted
             shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in out.glob(".*.tmp"):  # a file write a kill interrupted
+            leftover.unlink()
         trim_metrics(out / "metrics.jsonl", start_step)
     net, optimizer = accelerator.prepare(net, optimizer)
     ema.to(accelerator.device)
