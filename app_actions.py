@@ -20,12 +20,13 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ddm import UsageError
-from ddm.experts import load_expert
+from ddm.experts import load_expert, read_expert_meta
 
 APP_DIR = Path(__file__).resolve().parent
 # A user's mistake: shown in the UI, not logged as a server traceback.
 UserError = functools.partial(gr.Error, print_exception=False)
 MAX_STEPS = 200
+BUILT_IN_DATA = ("digits", "moving-digits")  # data specs of ddm.data.load_dataset that name no folder
 MAX_IMAGES = 16
 MAX_SECONDS = 600
 MAX_PIXELS = 1280
@@ -201,17 +202,18 @@ class Actions:
         experts_path = self.roots.dir(experts_dir, "Experts directory")
         per_cluster = int_in_range(per_cluster, "Samples per cluster", 1, 32)
         manifest = Manifest.load(manifest_path)
-        if manifest.data != "digits":  # an image folder: read it only if it lies inside the allowed roots too
-            self.roots.dir(manifest.data, "The manifest's data folder")
+        if manifest.data not in BUILT_IN_DATA and manifest.data.partition(":")[0] not in BUILT_IN_DATA:
+            self.roots.dir(manifest.data, "The manifest's data folder")  # an image folder: allowed roots only
         dataset = manifest.load_dataset()
         sizes = manifest.sizes
         clusters = []
         for k in range(manifest.k):
-            indices = manifest.island_indices(k)[:per_cluster].tolist()
-            if not indices:
+            indices = manifest.island_indices(k)[:per_cluster]
+            if not len(indices):
                 continue
-            images = torch.stack([dataset[i][0] for i in indices])
-            labels = [int(dataset[i][1]) for i in indices]
+            samples = [dataset[i][0] for i in indices.tolist()]
+            images = torch.stack([x[:, 0] if x.dim() == 4 else x for x in samples])  # a video clip shows its first frame
+            labels = dataset.labels[indices].tolist()
             caption = f"island {k}: {sizes[k]} samples" + (f" · labels {labels}" if min(labels) >= 0 else "")
             clusters.append((tile_grid(images), caption))
         curves = {}
@@ -265,9 +267,12 @@ class Actions:
         experts_path = self.roots.dir(experts_dir, "Experts directory")
         steps = int_in_range(steps, "Steps", 1, MAX_STEPS)
         seed = int_in_range(seed, "Seed", 0, 2**31 - 1)
-        expert_dirs = sorted(p for p in experts_path.iterdir() if (p / "expert.json").is_file())
+        expert_dirs = sorted(
+            p for p in experts_path.iterdir()
+            if (p / "expert.json").is_file() and read_expert_meta(p).get("model_class") == "DiTTransformer2DModel"
+        )
         if not expert_dirs:
-            raise UserError(f"Experts directory {experts_dir!r} holds no expert (no sub-folder with an expert.json).")
+            raise UserError(f"Experts directory {experts_dir!r} holds no image expert (no sub-folder with a DiT expert.json).")
         samples = []
         for expert_dir in expert_dirs:
             model, meta = load_expert(expert_dir)

@@ -26,6 +26,7 @@ from ddm.data import DigitsDataset
 from ddm.experts import build_dit, load_expert, write_expert
 from ddm.flow import FlowConfig
 from ddm.manifest import Manifest
+from ddm.video_data import MovingDigitsDataset
 from parallel_infer.tiny import write_tiny_model
 from router.ensemble import DDMEnsemble
 from router.model import RouterModel
@@ -50,6 +51,9 @@ def build_demo_tree(demo: Path) -> None:
         assignments=data.labels % K, centroids=torch.zeros(K, 64), image_size=8,
     )
     manifest.save(demo / "manifest")
+    clips = MovingDigitsDataset("moving-digits:clips=12,frames=4,size=12")
+    Manifest(k=2, data=clips.config.spec(), data_fingerprint=clips.fingerprint, method="random", extractor="clip-params",
+             seed=0, assignments=torch.arange(12) % 2, centroids=torch.zeros(2, 4)).save(demo / "video-manifest")
     flow = FlowConfig().to_dict()
     for island in [*range(K), "all"]:
         out = demo / "experts" / (f"island-{island}" if island != "all" else "monolith")
@@ -137,6 +141,9 @@ def test_islands_and_one_sample_per_expert(client, served):
     expected = Manifest.load(demo / "manifest").sizes
     assert [c["caption"].split(" · ")[0] for c in clusters] == [f"island {k}: {n} samples" for k, n in enumerate(expected)]
     assert png(clusters[0]["image"]).size == (3 * 9 - 1, 2 * 9 - 1)  # five 8×8 samples on a 3×2 grid, 1-pixel gaps
+    _, clips, _ = client.predict(str(demo / "video-manifest"), str(demo / "experts"), 4, api_name="/islands")
+    assert [c["caption"].split(" · ")[0] for c in clips] == ["island 0: 6 samples", "island 1: 6 samples"]
+    assert png(clips[1]["image"]).size == (2 * 13 - 1, 2 * 13 - 1)  # first frames of four 12×12 clips, 2×2
     samples = client.predict(str(demo / "experts"), 3, 0, "4", api_name="/expert_samples")
     assert [s["caption"] for s in samples] == [f"{name} · class 4" for name in ("island-0", "island-1", "island-2", "monolith")]
     assert all(png(s["image"]).size == (8, 8) for s in samples)
