@@ -222,29 +222,53 @@ def _has_pyav() -> bool:
 
 def add_arguments(p) -> None:
     p.add_argument("paths", nargs="+", type=Path, help="videos: .mp4, .safetensors (key 'video') or .npy frames")
-    p.add_argument("--prompts", nargs="+", required=True, help="one prompt per video, or one for all")
-    p.add_argument("--block", type=int, default=None, help="frames per DualParal block (for the seam score)")
-    p.add_argument("--first-block", type=int, default=None, help="frames in the first block (default: --block)")
+    p.add_argument("--prompts", nargs="+", help="one prompt per video, or one for all (default: each MP4's JSON sidecar)")
+    p.add_argument("--block", type=int, default=None, help="frames per DualParal block, for the seam score (default: the sidecar's)")
+    p.add_argument("--first-block", type=int, default=None, help="frames in the first block (default: block + cat from the sidecar, else --block)")
     p.add_argument("--canvas", type=int, default=None, help="resize frames to this square canvas (an upscaled MP4)")
     p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
 
 
-def run(args) -> int:
-    if len(args.prompts) not in (1, len(args.paths)):
+def sidecar_settings(path: Path) -> dict:
+    """The render settings beside a video (scripts/render_videos.py writes `<video>.json`), or {}."""
+    sidecar = path.with_suffix(".json")
+    try:
+        return json.loads(sidecar.read_text()).get("settings", {}) if sidecar.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def video_jobs(args) -> list[tuple[Path, str, int | None, int | None]]:
+    """(path, prompt, block, first block) per video, all checked before any video is read."""
+    if args.prompts is not None and len(args.prompts) not in (1, len(args.paths)):
         raise UsageError(f"got {len(args.prompts)} prompts for {len(args.paths)} videos: give one per video or one for all")
-    prompts = args.prompts * len(args.paths) if len(args.prompts) == 1 else args.prompts
-    for path, prompt in zip(args.paths, prompts):
-        if not path.is_file():
-            raise UsageError(f"video not found: {path}")
-        prompt_digits(prompt)
     for name in ("block", "first_block", "canvas"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    jobs = []
+    for i, path in enumerate(args.paths):
+        if not path.is_file():
+            raise UsageError(f"video not found: {path}")
+        settings = sidecar_settings(path)
+        prompt = args.prompts[i if len(args.prompts) > 1 else 0] if args.prompts else settings.get("prompt")
+        if prompt is None:
+            raise UsageError(f"no prompt for {path}: pass --prompts (it has no JSON sidecar naming one)")
+        prompt_digits(prompt)
+        block, first = args.block, args.first_block
+        pixel_space = settings.get("frames") == settings.get("video_frames")  # latent frame = video frame
+        if block is None and pixel_space and "block" in settings:
+            block, first = settings["block"], first or settings["block"] + settings["cat"]
+        jobs.append((path, prompt, block, first))
+    return jobs
+
+
+def run(args) -> int:
+    jobs = video_jobs(args)
     detector = load_detector()
     results = []
-    for path, prompt in zip(args.paths, prompts):
-        r = evaluate_frames(load_frames(path, args.canvas), prompt, args.block, args.first_block, detector)
-        results.append({"path": str(path), **r})
+    for path, prompt, block, first in jobs:
+        r = evaluate_frames(load_frames(path, args.canvas), prompt, block, first, detector)
+        results.append({"path": str(path), **r, "block": block, "first_block": first or block})
     print(format_table(results))
     if args.out:
         from ddm.io import atomic_write_json
