@@ -290,7 +290,6 @@ class IslandTrainer:
         norm_sum = torch.zeros((), device=acc.device)
         interval_start, interval_steps = time.perf_counter(), 0
         batches = iter(loader)
-        step = start_step
         for step in range(start_step, args.steps):
             lr = self.lr_at(step)
             for group in self.optimizer.param_groups:
