@@ -40,17 +40,32 @@ class AllowedRoots:
         self.roots = [Path(r).expanduser().resolve() for r in roots]
 
     def dir(self, text: str | None, what: str) -> Path:
+        """The resolved directory, if it and every symlink inside it stay within the roots; else a UserError."""
         text = (text or "").strip()
         if not text:
             raise UserError(f"{what}: please enter a directory.")
         path = Path(text).expanduser()
-        resolved = (path if path.is_absolute() else APP_DIR / path).resolve()
+        try:
+            resolved = (path if path.is_absolute() else APP_DIR / path).resolve()
+        except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a symlink loop
+            raise UserError(f"{what} {text!r} is not a valid path.") from None
         # Checked before existence, so the app says nothing about what lies outside its roots.
-        if not any(resolved.is_relative_to(root) for root in self.roots):
+        if not self.allows(resolved):
             raise UserError(f"{what} {text!r} is outside the folders this app may read ({self.describe()}).")
         if not resolved.is_dir():
             raise UserError(f"{what} {text!r} is not a directory.")
+        for folder, dirs, files in os.walk(resolved):  # does not follow links: each is checked instead
+            for name in dirs + files:
+                entry = Path(folder, name)
+                if entry.is_symlink() and not self.allows(entry.resolve()):
+                    raise UserError(
+                        f"{what} {text!r} holds a link ({entry.relative_to(resolved)}) to a place outside "
+                        f"the folders this app may read ({self.describe()})."
+                    )
         return resolved
+
+    def allows(self, resolved: Path) -> bool:
+        return any(resolved.is_relative_to(root) for root in self.roots)
 
     def describe(self) -> str:
         return ", ".join(str(r) for r in self.roots)
@@ -89,6 +104,15 @@ def float_in_range(value, name: str, low: float, high: float) -> float:
     if not low <= number <= high:  # also refuses NaN
         raise UserError(f"{name} must be between {low} and {high}, got {value!r}.")
     return number
+
+
+def ensemble_parts(path: Path) -> list[str]:
+    """The router and expert folders an ensemble.json names (DDMEnsemble.save_pretrained writes it)."""
+    try:
+        spec = json.loads((path / "ensemble.json").read_text())
+        return [spec["router"], *spec["experts"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return []  # not an ensemble: DDMEnsemble.from_pretrained says so
 
 
 def class_labels(choice: str | None, count: int, num_classes: int, seed: int) -> torch.Tensor:
@@ -233,6 +257,8 @@ class Actions:
         from router.pipeline import make_pipeline
 
         ensemble_path = self.roots.dir(ensemble_dir, "Ensemble directory")
+        for part in ensemble_parts(ensemble_path):  # ensemble.json names the folders it loads: roots only
+            self.roots.dir(str(ensemble_path / part), "The ensemble's part")
         monolith_path = self.roots.dir(monolith_dir, "Monolith directory") if compare else None
         steps = int_in_range(steps, "Steps", 1, MAX_STEPS)
         cfg = float_in_range(cfg, "CFG scale", 1.0, 20.0)

@@ -90,6 +90,10 @@ def served(tmp_path_factory):
     try:
         build_demo_tree(demo)  # while the app starts: it reads nothing before a button is pressed
         (demo / "escape").symlink_to("/etc")  # inside an allowed root, but resolves outside it
+        (demo / "leaky").mkdir()  # a folder inside, holding a link out
+        (demo / "leaky" / "config.json").symlink_to("/etc/hostname")
+        (demo / "forged-ensemble").mkdir()  # an ensemble.json that names folders outside
+        (demo / "forged-ensemble" / "ensemble.json").write_text(json.dumps({"router": "/etc", "experts": ["../../../etc"]}))
         url = f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + 90
         while True:
@@ -179,14 +183,15 @@ def test_bad_video_inputs_get_friendly_errors(client, served, change, message):
         client.predict(**{**args, **change}, api_name="/render_video")
 
 
-@pytest.mark.parametrize("path", ["../../etc/passwd", "/etc", "escape", "escape/ssl"])
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/etc", "escape", "escape/ssl", "leaky", "forged-ensemble"])
 def test_paths_outside_allowed_roots_are_refused(client, served, path):
     _, demo, _ = served
-    path = str(demo / path) if path.startswith("escape") else path
+    path = str(demo / path) if not path.startswith(("/", "..")) else path
     with pytest.raises(AppError, match="outside the folders this app may read"):
         client.predict(path, "top1", 2, 1.0, 0, "1", 1, False, "", api_name="/generate_images")
-    with pytest.raises(AppError, match="outside the folders this app may read"):
-        client.predict(path, str(demo / "experts"), 4, api_name="/islands")
+    if "forged" not in path:  # only an ensemble.json names other folders
+        with pytest.raises(AppError, match="outside the folders this app may read"):
+            client.predict(path, str(demo / "experts"), 4, api_name="/islands")
 
 
 @pytest.mark.parametrize(
