@@ -9,6 +9,7 @@ and dtype, `run_pipeline` with any number of ranks gives the same latents bit fo
 from __future__ import annotations
 
 from collections import deque
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Callable
 
@@ -79,18 +80,26 @@ class _Links:
 
     def send(self, tensor: torch.Tensor, peer: int) -> None:
         tensor = tensor.contiguous()
-        self.sends.append((dist.isend(tensor, peer), tensor, peer))
+        with self.peer(peer):
+            self.sends.append((dist.isend(tensor, peer), tensor, peer))
         self.bytes_sent += tensor.numel() * tensor.element_size()
         while len(self.sends) > SEND_WINDOW:
             work, _, peer = self.sends.popleft()
             self.wait(work, peer)
 
     def recv(self, buffer: torch.Tensor, peer: int):
-        return dist.irecv(buffer, peer), buffer, peer
+        with self.peer(peer):
+            return dist.irecv(buffer, peer), buffer, peer
 
     def wait(self, work, peer: int) -> None:
-        try:
+        with self.peer(peer):
             work.wait(self.timeout)
+
+    @contextmanager
+    def peer(self, peer: int):
+        """Turn the backend's error for a dead or silent peer into one clear PeerFailure."""
+        try:
+            yield
         except RuntimeError as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PeerFailure(

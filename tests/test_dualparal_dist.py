@@ -7,6 +7,7 @@ rounding, may depend on the thread count, so reference and ranks run at the same
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -115,3 +116,35 @@ def test_a_lost_rank_makes_the_others_exit_with_a_clear_error(sig, tmp_path, cap
     err = capfd.readouterr().err
     assert "error: rank 0: no answer from rank" in err and "error: rank 2: no answer from rank 1" in err, err
     print(f"survivors exited {waited:.1f} s after rank 1 was {sig.name}ed (timeout {timeout} s)")
+
+
+def test_torchrun_cli_matches_one_process(tmp_path):
+    """The render script under torchrun (2 ranks) writes the same video as the script in one process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import imageio.v3 as iio
+    import numpy as np
+
+    from parallel_infer.tiny import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "model", layers=3)
+    (tmp_path / "p.txt").write_text("a cat runs\n")
+    script = str(Path(__file__).parents[1] / "scripts" / "render_videos.py")
+    args = [script, "--model", str(model), "--prompts", str(tmp_path / "p.txt"), "--frames", "14", "--steps", "3",
+            "--block", "4", "--cat", "2", "--height", "16", "--width", "16", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_videos", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main([*args[1:], "--out", str(tmp_path / "one")]) == 0
+    name = "0000-a-cat-runs"
+    assert np.array_equal(iio.imread(tmp_path / "two" / f"{name}.mp4"), iio.imread(tmp_path / "one" / f"{name}.mp4"))
+    sidecar = json.loads((tmp_path / "two" / f"{name}.json").read_text())
+    assert sidecar["ranks"] == 2 and sidecar["bytes_sent"] > 0

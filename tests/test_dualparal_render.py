@@ -1,0 +1,141 @@
+"""Model folders through the one loader, streaming decode, `render_video`, and the render CLI (one process)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+import torch
+
+from ddm import UsageError
+from parallel_infer.api import render_video
+from parallel_infer.loader import TEXT_TOKENS, inspect_model, load_model
+from parallel_infer.stream import FrameDecoder
+from parallel_infer.tiny import write_tiny_model
+
+torch.set_num_threads(1)
+SMALL = dict(steps=2, block=4, cat=2, height=16, width=16)
+
+
+@pytest.fixture(scope="module")
+def pixel_model(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("pixel"), layers=3, prompts=("a cat runs", "a dog jumps", ""))
+
+
+@pytest.fixture(scope="module")
+def wan_model(tmp_path_factory):
+    """The layout of a local Wan2.1-T2V-Diffusers folder: transformer, VAE, UMT5 text encoder + tokenizer."""
+    return write_tiny_model(tmp_path_factory.mktemp("wan"), layers=2, vae=True, text_encoder=True)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location("render_videos", Path(__file__).parents[1] / "scripts" / "render_videos.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_umt5_folder_encodes_like_the_wan_pipeline(wan_model):
+    info = inspect_model(wan_model)
+    assert (info.kind, info.temporal_scale, info.spatial_scale, info.channels) == ("diffusers", 2, 4, 4)
+    model = load_model(info)
+    embeds = model.encode_prompts(["a cat runs", ""])
+    assert embeds.shape == (2, TEXT_TOKENS, 16)
+    assert embeds[0, :3].abs().sum() > 0 and embeds[0, 3:].abs().sum() == 0  # 3 words, zeros after
+    assert not torch.equal(embeds[0], embeds[1])
+
+
+def test_precomputed_embeddings_by_prompt(pixel_model):
+    model = load_model(inspect_model(pixel_model))
+    assert model.vae is None and model.encode_prompts(["a dog jumps", ""]).shape == (2, 8, 16)
+    with pytest.raises(UsageError, match="'a cow' has no precomputed embedding"):
+        model.encode_prompts(["a cow"])
+
+
+def test_streaming_vae_decode_matches_one_whole_decode(wan_model):
+    vae = load_model(inspect_model(wan_model)).vae
+    latents = torch.randn(1, 4, 9, 4, 4, generator=torch.Generator().manual_seed(0))
+    decoder = FrameDecoder(vae)
+    streamed = [decoder.decode(latents[:, :, a:b]) for a, b in [(0, 5), (5, 7), (7, 9)]]
+    assert [len(s) for s in streamed] == [1 + 4 * 2, 2 * 2, 2 * 2]  # causal: the first latent frame is one frame
+    with torch.inference_mode():
+        whole = vae.decode(latents * decoder.std + decoder.mean).sample
+    whole = ((whole.clamp(-1, 1)[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+    diff = abs(torch.from_numpy(whole).int() - torch.from_numpy(__import__("numpy").concatenate(streamed)).int())
+    assert diff.max() <= 1  # float rounding between a per-block and a whole-video 1x1 conv, nothing more
+
+
+def test_render_video_with_vae_and_text_encoder(wan_model, tmp_path):
+    blocks = []
+    out = tmp_path / "v.mp4"
+    record = render_video(wan_model, "a red dog jumps", out, frames=2 * (6 + 4 * 2 - 1) + 1, **{**SMALL, "height": 32, "width": 32},
+                          progress_callback=lambda done, total: blocks.append((done, total)))
+    assert blocks == [(1, 3), (2, 3), (3, 3)]
+    video = iio.imread(out)
+    assert video.shape == (27, 32, 32, 3) and record["frames_written"] == 27
+    assert json.loads(out.with_suffix(".json").read_text())["settings"]["prompt"] == "a red dog jumps"
+    assert set(record["timings_s"]) == {"load", "encode_prompt", "denoise", "decode_write", "total"}
+
+
+def test_seconds_are_cut_to_fps_times_seconds(pixel_model, tmp_path):
+    record = render_video(pixel_model, "a cat runs", tmp_path / "s.mp4", seconds=1.5, fps=10, **SMALL)
+    assert record["settings"]["frames"] == 18 and iio.imread(tmp_path / "s.mp4").shape[0] == 15
+
+
+def test_bad_requests_fail_before_any_work(pixel_model, tmp_path):
+    out = tmp_path / "x.mp4"
+    with pytest.raises(UsageError, match="4 ranks but the model has only 3 layers"):
+        render_video(pixel_model, "a cat runs", out, frames=26, ranks=4, **SMALL)
+    with pytest.raises(UsageError, match="frame size 15x16"):
+        render_video(pixel_model, "a cat runs", out, frames=26, **{**SMALL, "height": 15})
+    with pytest.raises(UsageError, match="exactly one of --frames or --seconds"):
+        render_video(pixel_model, "a cat runs", out, **SMALL)
+    with pytest.raises(UsageError, match="not a model directory"):
+        render_video(tmp_path, "a cat runs", out, frames=26, **SMALL)
+    assert not any(tmp_path.iterdir())
+
+
+def test_expert_directory_with_prompt_encoder(tmp_path):
+    from ddm.experts import write_expert
+    from ddm.flow import FlowConfig
+    from ddm.prompt_encoder import PromptEncoder
+    from parallel_infer.tiny import tiny_transformer
+
+    torch.manual_seed(0)
+    wan = tiny_transformer(layers=2, channels=1)
+    write_expert(tmp_path / "expert", wan, wan, {"flow": FlowConfig(shift=2.0).to_dict(), "size": 16, "channels": 1})
+    PromptEncoder(vocabulary=["cat", "runs"], max_length=4, dim=16).save_pretrained(tmp_path / "expert" / "prompt_encoder")
+    record = render_video(tmp_path / "expert", "cat runs", tmp_path / "e.mp4", frames=10, steps=2, block=4, cat=2)
+    assert record["settings"]["flow_shift"] == 2.0 and iio.imread(tmp_path / "e.mp4").shape == (10, 16, 16, 3)
+    with pytest.raises(UsageError, match="unknown word"):
+        render_video(tmp_path / "expert", "dog", tmp_path / "f.mp4", frames=10, steps=2, block=4, cat=2)
+
+
+def test_cli_renders_skips_and_refuses(cli, pixel_model, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat runs\n\na dog jumps\n")
+    out = tmp_path / "out"
+
+    def args(**change):
+        options = {"model": pixel_model, "prompts": prompts, "frames": 10, "steps": 2, "block": 4, "cat": 2,
+                   "height": 16, "width": 16, "seed": 5, "out": out, **change}
+        return [a for k, v in options.items() for a in (f"--{k}", str(v))]
+
+    assert cli.main(args()) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["0000-a-cat-runs.json", "0000-a-cat-runs.mp4", "0001-a-dog-jumps.json", "0001-a-dog-jumps.mp4"]
+    sidecar = json.loads((out / "0001-a-dog-jumps.json").read_text())
+    assert sidecar["settings"]["seed"] == 6 and sidecar["ranks"] == 1 and sidecar["bytes_sent"] == 0
+    stamp = (out / "0000-a-cat-runs.mp4").stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main(args()) == 0
+    assert "skip" in capsys.readouterr().err and (out / "0000-a-cat-runs.mp4").stat().st_mtime_ns == stamp
+    assert cli.main(args(seed=7)) == 2  # same files, other settings: refused, nothing overwritten
+    assert "exists with other settings" in capsys.readouterr().err
+    assert cli.main(args(frames=11)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: 11 latent frames do not fit")
+    assert (out / "0000-a-cat-runs.mp4").stat().st_mtime_ns == stamp
