@@ -157,8 +157,14 @@ def test_render_video_on_two_worker_processes(client, served):
     _, demo, _ = served
     args = dict(model_dir=str(demo / "video-model"), prompt=VIDEO_PROMPT, seconds=1.5, fps=8, height=16, width=24,
                 steps=3, block=4, cat=2, cfg=1.0, seed=3)
-    video, record = client.predict(**args, workers=2, api_name="/render_video")
+    job = client.submit(**args, workers=2, api_name="/render_video")
+    video, record = job.result()
     assert imageio_ffmpeg.count_frames_and_secs(video)[0] == 12 == record["frames_written"]  # 1.5 s at 8 fps
+    updates = []
+    while not job.communicator.updates.empty():
+        updates += getattr(job.communicator.updates.get_nowait(), "progress_data", None) or []
+    # 12 frames → 14 latent frames = block + cat + 2 blocks: the bar counts 3 blocks written
+    assert [(u.index, u.length) for u in updates if u.unit == "blocks"] == [(1, 3), (2, 3), (3, 3)]
     assert record["ranks"] == 2 and (record["settings"]["height"], record["settings"]["width"]) == (16, 24)
     meta, *frames = imageio_ffmpeg.read_frames(video)
     assert meta["size"] == (24, 16) and len(frames) == 12
