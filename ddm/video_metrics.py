@@ -151,12 +151,13 @@ def seam_score(frames: torch.Tensor, block: int, first_block: int | None = None)
 
 
 @functools.lru_cache(maxsize=8)
-def real_flicker(size: int, frames: int, clips: int = 64) -> float:
-    """Flicker of real generator clips of this canvas size (the reference)."""
+def real_flicker(size: int, frames: int, digits: int, clips: int = 64) -> float:
+    """Flicker of real generator clips with this canvas size and number of digits (the reference)."""
     from ddm.video_data import MovingDigitsConfig, MovingDigitsDataset
 
-    ds = MovingDigitsDataset(MovingDigitsConfig(clips=clips, frames=min(frames, 64), size=size, seed=1234))
-    return torch.stack([mean_step(ds[i][0][0]).mean() for i in range(clips)]).mean().item()
+    ds = MovingDigitsDataset(MovingDigitsConfig(clips=4 * clips, frames=min(frames, 64), size=size, max_digits=digits, seed=1234))
+    chosen = [i for i in range(len(ds)) if len(ds.params(i)["labels"]) == digits][:clips]
+    return torch.stack([mean_step(ds[i][0][0]).mean() for i in chosen]).mean().item()
 
 
 def evaluate_frames(frames: torch.Tensor, prompt: str, block: int | None = None, first_block: int | None = None,
@@ -168,7 +169,8 @@ def evaluate_frames(frames: torch.Tensor, prompt: str, block: int | None = None,
         raise UsageError(f"frames of {tuple(frames.shape[1:])} are smaller than a {DIGIT_SIZE}x{DIGIT_SIZE} digit")
     detector = detector or load_detector()
     frames = frames.float()
-    hits = frame_hits(frames, prompt_digits(prompt), detector).float()
+    digits = prompt_digits(prompt)
+    hits = frame_hits(frames, digits, detector).float()
     tenth = max(1, len(frames) // 10)
     steps = mean_step(frames)
     out = {
@@ -178,7 +180,7 @@ def evaluate_frames(frames: torch.Tensor, prompt: str, block: int | None = None,
         "fidelity_first10": hits[:tenth].mean().item(),
         "fidelity_last10": hits[-tenth:].mean().item(),
         "flicker": steps.mean().item(),
-        "flicker_real": real_flicker(frames.shape[-1], len(frames)),
+        "flicker_real": real_flicker(frames.shape[-1], len(frames), len(digits)),
     }
     out["drift"] = out["fidelity_first10"] - out["fidelity_last10"]
     out["flicker_ratio"] = out["flicker"] / out["flicker_real"]
