@@ -32,109 +32,139 @@ def build_app(actions: Actions, demo_dir: str) -> gr.Blocks:
             "# ddm-suite\nDecentralized diffusion (islands → experts → router ensemble) and DualParal long videos. "
             f"Paths are read only below: `{actions.roots.describe()}`."
         )
-        with gr.Tab("Images", id="images"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    ensemble_dir = gr.Textbox(f"{demo_dir}/ensemble", label="Ensemble directory (router + experts)")
-                    strategy = gr.Dropdown(STRATEGIES, value="top1", allow_custom_value=True, label="Routing strategy")
-                    image_class = gr.Dropdown(CLASSES, value="random", allow_custom_value=True, label="Class")
-                    with gr.Row():
-                        image_steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")
-                        image_cfg = gr.Slider(1.0, 20.0, value=1.5, step=0.1, label="CFG scale")
-                    with gr.Row():
-                        image_seed = gr.Number(0, precision=0, label="Seed")
-                        image_count = gr.Slider(1, MAX_IMAGES, value=8, step=1, label="Number of images")
-                    compare = gr.Checkbox(False, label="Compare with the monolith (same noise)")
-                    monolith_dir = gr.Textbox(f"{demo_dir}/experts/monolith", label="Monolith directory")
-                    generate_button = gr.Button("Generate", variant="primary")
-                with gr.Column(scale=2):
-                    with gr.Row():
-                        ensemble_gallery = gr.Gallery(
-                            label="Ensemble", columns=4, format="png", elem_id="ensemble-gallery", elem_classes="pixelated"
-                        )
-                        monolith_gallery = gr.Gallery(
-                            label="Monolith (same noise)", columns=4, format="png", elem_classes="pixelated", visible=False
-                        )
-                    routing = gr.Plot(label="Routing weights per expert over the sampling steps")
-        compare.change(lambda on: gr.Gallery(visible=on), compare, monolith_gallery, api_visibility="private", queue=False)
-        generate_button.click(
-            actions.generate_images,
-            inputs=[ensemble_dir, strategy, image_steps, image_cfg, image_seed, image_class, image_count, compare, monolith_dir],
-            outputs=[ensemble_gallery, routing, monolith_gallery],
-            api_name="generate_images",
-            concurrency_id="images",
-            concurrency_limit=2,
-        )
-
-        with gr.Tab("Video", id="video"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    video_model_dir = gr.Textbox(
-                        f"{demo_dir}/video-model", label="Model directory (our video expert or a local Wan2.1 diffusers folder)"
-                    )
-                    prompt = gr.Textbox("a 3 moving right", label="Prompt")
-                    with gr.Row():
-                        seconds = gr.Number(4, minimum=0.05, maximum=MAX_SECONDS, label="Length (seconds)", elem_id="video-seconds")
-                        fps = gr.Slider(1, 60, value=16, step=1, label="fps")
-                    with gr.Row():
-                        height = gr.Number(0, precision=0, minimum=0, label="Height (0 = the model's)", elem_id="video-height")
-                        width = gr.Number(0, precision=0, minimum=0, label="Width (0 = the model's)", elem_id="video-width")
-                    with gr.Row():
-                        video_steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="video-steps")
-                        video_cfg = gr.Slider(1.0, 20.0, value=5.0, step=0.1, label="CFG scale")
-                    with gr.Row():
-                        block = gr.Slider(1, 64, value=8, step=1, label="Block size (latent frames)")
-                        cat = gr.Slider(0, 63, value=4, step=1, label="Context size (latent frames)")
-                    with gr.Row():
-                        video_seed = gr.Number(0, precision=0, label="Seed")
-                        workers = gr.Slider(1, MAX_WORKERS, value=min(2, MAX_WORKERS), step=1, label="Worker processes", elem_id="video-workers")
-                    render_button = gr.Button("Render", variant="primary")
-                with gr.Column(scale=2):
-                    video = gr.Video(label="Video", height=420, autoplay=True, loop=True, elem_id="video-player", elem_classes="pixelated")
-                    video_record = gr.JSON(label="Settings, frames and timings")
-        render_button.click(
-            actions.render_video,
-            inputs=[video_model_dir, prompt, seconds, fps, height, width, video_steps, block, cat, video_cfg, video_seed, workers],
-            outputs=[video, video_record],
-            api_name="render_video",
-            concurrency_id="video",
-            concurrency_limit=1,  # a render already uses several processes; the next one waits in the queue
-        )
-
-        with gr.Tab("Islands", id="islands"):
-            with gr.Row():
-                manifest_dir = gr.Textbox(f"{demo_dir}/manifest", label="Manifest directory")
-                experts_dir = gr.Textbox(f"{demo_dir}/experts", label="Experts directory (one sub-folder per expert)")
-                per_cluster = gr.Slider(1, 32, value=8, step=1, label="Samples per cluster")
-            islands_button = gr.Button("Show islands", variant="primary")
-            with gr.Row():
-                sizes_plot = gr.Plot(label="Cluster sizes")
-                curves_plot = gr.Plot(label="Training curves")
-            cluster_gallery = gr.Gallery(
-                label="Sample images per cluster", columns=4, format="png", object_fit="contain", elem_classes="pixelated"
-            )
-            with gr.Row():
-                sample_steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")
-                sample_seed = gr.Number(0, precision=0, label="Seed")
-                sample_class = gr.Dropdown(CLASSES, value="random", allow_custom_value=True, label="Class")
-            samples_button = gr.Button("One sample per expert")
-            expert_gallery = gr.Gallery(label="One sample per expert (same noise)", columns=6, format="png", elem_classes="pixelated")
-        islands_button.click(
-            actions.islands,
-            inputs=[manifest_dir, experts_dir, per_cluster],
-            outputs=[sizes_plot, cluster_gallery, curves_plot],
-            api_name="islands",
-            concurrency_id="islands",
-            concurrency_limit=2,
-        )
-        samples_button.click(
-            actions.expert_samples,
-            inputs=[experts_dir, sample_steps, sample_seed, sample_class],
-            outputs=expert_gallery,
-            api_name="expert_samples",
-            concurrency_id="islands",
-        )
+        images_tab(actions, demo_dir)
+        video_tab(actions, demo_dir)
+        islands_tab(actions, demo_dir)
     return app
+
+
+def images_tab(actions: Actions, demo_dir: str) -> None:
+    with gr.Tab("Images", id="images"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                ensemble_dir = gr.Textbox(f"{demo_dir}/ensemble", label="Ensemble directory (router + experts)")
+                strategy = gr.Dropdown(STRATEGIES, value="top1", allow_custom_value=True, label="Routing strategy")
+                image_class = gr.Dropdown(CLASSES, value="random", allow_custom_value=True, label="Class")
+                with gr.Row():
+                    image_steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")
+                    image_cfg = gr.Slider(1.0, 20.0, value=1.5, step=0.1, label="CFG scale")
+                with gr.Row():
+                    image_seed = gr.Number(0, precision=0, label="Seed")
+                    image_count = gr.Slider(1, MAX_IMAGES, value=8, step=1, label="Number of images")
+                compare = gr.Checkbox(False, label="Compare with the monolith (same noise)")
+                monolith_dir = gr.Textbox(f"{demo_dir}/experts/monolith", label="Monolith directory")
+                generate_button = gr.Button("Generate", variant="primary")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    ensemble_gallery = gr.Gallery(
+                        label="Ensemble", columns=4, format="png", elem_id="ensemble-gallery", elem_classes="pixelated"
+                    )
+                    monolith_gallery = gr.Gallery(
+                        label="Monolith (same noise)", columns=4, format="png", elem_classes="pixelated", visible=False
+                    )
+                routing = gr.Plot(label="Routing weights per expert over the sampling steps")
+    compare.change(lambda on: gr.Gallery(visible=on), compare, monolith_gallery, api_visibility="private", queue=False)
+    generate_button.click(
+        actions.generate_images,
+        inputs=[
+            ensemble_dir, strategy, image_steps, image_cfg, image_seed, image_class, image_count, compare, monolith_dir
+        ],
+        outputs=[ensemble_gallery, routing, monolith_gallery],
+        api_name="generate_images",
+        concurrency_id="images",
+        concurrency_limit=2,
+    )
+
+
+def video_tab(actions: Actions, demo_dir: str) -> None:
+    with gr.Tab("Video", id="video"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                video_model_dir = gr.Textbox(
+                    f"{demo_dir}/video-model",
+                    label="Model directory (our video expert or a local Wan2.1 diffusers folder)",
+                )
+                prompt = gr.Textbox("a 3 moving right", label="Prompt")
+                with gr.Row():
+                    seconds = gr.Number(
+                        4, minimum=0.05, maximum=MAX_SECONDS, label="Length (seconds)", elem_id="video-seconds"
+                    )
+                    fps = gr.Slider(1, 60, value=16, step=1, label="fps")
+                with gr.Row():
+                    height = gr.Number(
+                        0, precision=0, minimum=0, label="Height (0 = the model's)", elem_id="video-height"
+                    )
+                    width = gr.Number(
+                        0, precision=0, minimum=0, label="Width (0 = the model's)", elem_id="video-width"
+                    )
+                with gr.Row():
+                    video_steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="video-steps")
+                    video_cfg = gr.Slider(1.0, 20.0, value=5.0, step=0.1, label="CFG scale")
+                with gr.Row():
+                    block = gr.Slider(1, 64, value=8, step=1, label="Block size (latent frames)")
+                    cat = gr.Slider(1, 63, value=4, step=1, label="Context size (latent frames)")
+                with gr.Row():
+                    video_seed = gr.Number(0, precision=0, label="Seed")
+                    workers = gr.Slider(
+                        1, MAX_WORKERS, value=min(2, MAX_WORKERS), step=1, label="Worker processes",
+                        elem_id="video-workers",
+                    )
+                render_button = gr.Button("Render", variant="primary")
+            with gr.Column(scale=2):
+                video = gr.Video(
+                    label="Video", height=420, autoplay=True, loop=True,
+                    elem_id="video-player", elem_classes="pixelated",
+                )
+                video_record = gr.JSON(label="Settings, frames and timings")
+    render_button.click(
+        actions.render_video,
+        inputs=[
+            video_model_dir, prompt, seconds, fps, height, width,
+            video_steps, block, cat, video_cfg, video_seed, workers,
+        ],
+        outputs=[video, video_record],
+        api_name="render_video",
+        concurrency_id="video",
+        concurrency_limit=1,  # a render already uses several processes; the next one waits in the queue
+    )
+
+
+def islands_tab(actions: Actions, demo_dir: str) -> None:
+    with gr.Tab("Islands", id="islands"):
+        with gr.Row():
+            manifest_dir = gr.Textbox(f"{demo_dir}/manifest", label="Manifest directory")
+            experts_dir = gr.Textbox(f"{demo_dir}/experts", label="Experts directory (one sub-folder per expert)")
+            per_cluster = gr.Slider(1, 32, value=8, step=1, label="Samples per cluster")
+        islands_button = gr.Button("Show islands", variant="primary")
+        with gr.Row():
+            sizes_plot = gr.Plot(label="Cluster sizes")
+            curves_plot = gr.Plot(label="Training curves")
+        cluster_gallery = gr.Gallery(
+            label="Sample images per cluster", columns=4, format="png", object_fit="contain", elem_classes="pixelated"
+        )
+        with gr.Row():
+            sample_steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")
+            sample_seed = gr.Number(0, precision=0, label="Seed")
+            sample_class = gr.Dropdown(CLASSES, value="random", allow_custom_value=True, label="Class")
+        samples_button = gr.Button("One sample per expert")
+        expert_gallery = gr.Gallery(
+            label="One sample per expert (same noise)", columns=6, format="png", elem_classes="pixelated"
+        )
+    islands_button.click(
+        actions.islands,
+        inputs=[manifest_dir, experts_dir, per_cluster],
+        outputs=[sizes_plot, cluster_gallery, curves_plot],
+        api_name="islands",
+        concurrency_id="islands",
+        concurrency_limit=2,
+    )
+    samples_button.click(
+        actions.expert_samples,
+        inputs=[experts_dir, sample_steps, sample_seed, sample_class],
+        outputs=expert_gallery,
+        api_name="expert_samples",
+        concurrency_id="islands",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--allow-dir", action="append", default=[], metavar="DIR", help="another folder the app may read (repeatable)"
     )
-    parser.add_argument("--demo-dir", default="outputs/demo", help="where the defaults in the UI point (make demo's output)")
+    parser.add_argument("--demo-dir", default="outputs/demo", help="where the UI's defaults point (make demo's output)")
     return parser.parse_args(argv)
 
 

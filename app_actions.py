@@ -236,7 +236,7 @@ class Actions:
             if not len(indices):
                 continue
             samples = [dataset[i][0] for i in indices.tolist()]
-            images = torch.stack([x[:, 0] if x.dim() == 4 else x for x in samples])  # a video clip shows its first frame
+            images = torch.stack([x[:, 0] if x.dim() == 4 else x for x in samples])  # a clip: its first frame
             labels = dataset.labels[indices].tolist()
             caption = f"island {k}: {sizes[k]} samples" + (f" · labels {labels}" if min(labels) >= 0 else "")
             clusters.append((tile_grid(images), caption))
@@ -252,7 +252,7 @@ class Actions:
         self, ensemble_dir: str, strategy: str, steps, cfg, seed, class_label: str, count,
         compare: bool, monolith_dir: str,
     ):
-        """Images through the router ensemble, its routing weights per step, and optionally the monolith's from the same noise."""
+        """Images through the router ensemble, its routing weights per step, optionally the monolith's (same noise)."""
         from router.ensemble import DDMEnsemble
         from router.pipeline import make_pipeline
 
@@ -278,7 +278,9 @@ class Actions:
         if monolith_path is not None:
             model, meta = load_expert(monolith_path)
             if model.config.sample_size != ensemble.config.sample_size or meta["num_classes"] != num_classes:
-                raise UserError(f"Monolith {monolith_dir!r} does not make the same samples as the ensemble (size or classes differ).")
+                raise UserError(
+                    f"Monolith {monolith_dir!r} does not make the samples the ensemble makes (size or classes differ)."
+                )
             monolith_images = make_pipeline(model, meta["flow"]["shift"])(
                 labels, num_inference_steps=steps, guidance_scale=cfg, generator=torch.Generator().manual_seed(seed)
             ).images
@@ -298,7 +300,9 @@ class Actions:
             if (p / "expert.json").is_file() and read_expert_meta(p).get("model_class") == "DiTTransformer2DModel"
         )
         if not expert_dirs:
-            raise UserError(f"Experts directory {experts_dir!r} holds no image expert (no sub-folder with a DiT expert.json).")
+            raise UserError(
+                f"Experts directory {experts_dir!r} holds no image expert (no sub-folder with a DiT expert.json)."
+            )
         samples = []
         for expert_dir in expert_dirs:
             model, meta = load_expert(expert_dir)
@@ -328,7 +332,7 @@ class Actions:
         width = int_in_range(width, "Width (pixels, 0 = the model's)", 0, MAX_PIXELS) or None
         steps = int_in_range(steps, "Steps", 1, MAX_STEPS)
         block = int_in_range(block, "Block size", 1, 64)
-        cat = int_in_range(cat, "Context size", 0, 63)
+        cat = int_in_range(cat, "Context size", 1, 63)
         if cat >= block:
             raise UserError(f"Context size ({cat}) must be smaller than the block size ({block}).")
         cfg = float_in_range(cfg, "CFG scale", 1.0, 20.0)
@@ -337,7 +341,8 @@ class Actions:
         out = Path(self.scratch.name) / f"video-{uuid.uuid4().hex[:12]}.mp4"
         progress(0, desc="loading the model")
         record = render_video(
-            model_path, prompt, out, seconds=seconds, ranks=workers, fps=fps, height=height, width=width, steps=steps, block=block, cat=cat,
-            cfg=cfg, seed=seed, progress_callback=lambda done, total: progress((done, total), desc="blocks", unit="blocks"),
+            model_path, prompt, out, seconds=seconds, ranks=workers, fps=fps, height=height, width=width,
+            steps=steps, block=block, cat=cat, cfg=cfg, seed=seed,
+            progress_callback=lambda done, total: progress((done, total), desc="blocks", unit="blocks"),
         )
         return str(out), record

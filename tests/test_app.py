@@ -52,7 +52,7 @@ def build_demo_tree(demo: Path) -> None:
     )
     manifest.save(demo / "manifest")
     clips = MovingDigitsDataset("moving-digits:clips=12,frames=4,size=12")
-    Manifest(k=2, data=clips.config.spec(), data_fingerprint=clips.fingerprint, method="random", extractor="clip-params",
+    Manifest(k=2, data=clips.config.spec(), data_fingerprint=clips.fingerprint, method="random", extractor="clips",
              seed=0, assignments=torch.arange(12) % 2, centroids=torch.zeros(2, 4)).save(demo / "video-manifest")
     flow = FlowConfig().to_dict()
     for island in [*range(K), "all"]:
@@ -65,7 +65,8 @@ def build_demo_tree(demo: Path) -> None:
     experts = [load_expert(demo / "experts" / f"island-{k}") for k in range(K)]
     router = RouterModel(num_experts=K, sample_size=8, in_channels=1, num_classes=10, hidden_dim=32, flow=flow,
                          manifest_fingerprint=manifest.fingerprint)
-    DDMEnsemble(router, [m for m, _ in experts], [meta for _, meta in experts], "top1").save_pretrained(demo / "ensemble")
+    ensemble = DDMEnsemble(router, [model for model, _ in experts], [meta for _, meta in experts], "top1")
+    ensemble.save_pretrained(demo / "ensemble")
     write_tiny_model(demo / "video-model", layers=3, prompts=(VIDEO_PROMPT, ""))
 
 
@@ -93,7 +94,8 @@ def served(tmp_path_factory):
         (demo / "leaky").mkdir()  # a folder inside, holding a link out
         (demo / "leaky" / "config.json").symlink_to("/etc/hostname")
         (demo / "forged-ensemble").mkdir()  # an ensemble.json that names folders outside
-        (demo / "forged-ensemble" / "ensemble.json").write_text(json.dumps({"router": "/etc", "experts": ["../../../etc"]}))
+        forged = {"router": "/etc", "experts": ["../../../etc"]}
+        (demo / "forged-ensemble" / "ensemble.json").write_text(json.dumps(forged))
         url = f"http://127.0.0.1:{port}/"
         deadline = time.monotonic() + 90
         while True:
@@ -142,14 +144,15 @@ def test_islands_and_one_sample_per_expert(client, served):
     _, demo, _ = served
     sizes, clusters, curves = client.predict(str(demo / "manifest"), str(demo / "experts"), 5, api_name="/islands")
     assert sizes["type"] == curves["type"] == "matplotlib"
-    expected = Manifest.load(demo / "manifest").sizes
-    assert [c["caption"].split(" · ")[0] for c in clusters] == [f"island {k}: {n} samples" for k, n in enumerate(expected)]
+    expected = [f"island {k}: {n} samples" for k, n in enumerate(Manifest.load(demo / "manifest").sizes)]
+    assert [c["caption"].split(" · ")[0] for c in clusters] == expected
     assert png(clusters[0]["image"]).size == (3 * 9 - 1, 2 * 9 - 1)  # five 8×8 samples on a 3×2 grid, 1-pixel gaps
     _, clips, _ = client.predict(str(demo / "video-manifest"), str(demo / "experts"), 4, api_name="/islands")
     assert [c["caption"].split(" · ")[0] for c in clips] == ["island 0: 6 samples", "island 1: 6 samples"]
     assert png(clips[1]["image"]).size == (2 * 13 - 1, 2 * 13 - 1)  # first frames of four 12×12 clips, 2×2
     samples = client.predict(str(demo / "experts"), 3, 0, "4", api_name="/expert_samples")
-    assert [s["caption"] for s in samples] == [f"{name} · class 4" for name in ("island-0", "island-1", "island-2", "monolith")]
+    names = ["island-0", "island-1", "island-2", "monolith"]
+    assert [s["caption"] for s in samples] == [f"{name} · class 4" for name in names]
     assert all(png(s["image"]).size == (8, 8) for s in samples)
 
 
