@@ -1,0 +1,170 @@
+"""Block-wise (DualParal) vs full-sequence Wan forwards on one GPU: latency, peak memory, achieved TFLOP/s.
+
+  python scripts/gpu_check.py            Wan2.1-T2V-1.3B shapes, random weights, bf16, 480x832, CFG batch 2
+  python scripts/gpu_check.py --tiny     the same code path on CPU with a tiny config (a smoke test)
+
+Block-wise: one block-step = one forward of block + cat latent frames that also attends to the cat cached
+frames of the next block (the feature cache); a denoising step of the whole video costs num_blocks of them,
+and its memory does not depend on the video length. Full-sequence: one forward over all latent frames
+(what plain Wan or sequence parallelism runs per step), until it no longer fits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+WAN_1_3B = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096,
+                freq_dim=256, in_channels=16, out_channels=16, patch_size=(1, 2, 2))
+TINY = dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers=2, text_dim=16,
+            freq_dim=16, in_channels=4, out_channels=4, patch_size=(1, 2, 2))
+
+
+def forward_flops(cfg: dict, tokens: int, key_tokens: int, text_tokens: int, batch: int) -> float:
+    """Multiply-adds x 2 of the transformer blocks (embedding and head are negligible)."""
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    per_layer = (
+        8 * tokens * d * d  # self-attention q, k, v, out projections
+        + 4 * tokens * key_tokens * d  # scores and weighted values
+        + 4 * tokens * d * d + 4 * text_tokens * d * d  # cross-attention q, out; k, v on the text
+        + 4 * tokens * text_tokens * d
+        + 4 * tokens * d * cfg["ffn_dim"]  # feed-forward
+    )
+    return batch * cfg["num_layers"] * per_layer
+
+
+def timed(fn, device, repeats: int) -> tuple[float, float]:
+    """(seconds per call, peak GiB) after one warm-up call."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / repeats
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return seconds, peak
+
+
+def exactness_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """The one-rank pipeline against the reference on this device and dtype (a tiny model): bit for bit."""
+    from parallel_infer.config import DualParalConfig
+    from parallel_infer.pipeline import run_pipeline, run_reference
+    from parallel_infer.tiny import tiny_transformer
+    from parallel_infer.wan_adapter import WanAdapter
+
+    cfg = DualParalConfig(frames=6 + 4 * 4, steps=4, block=4, cat=2, cfg=4.0)
+    text = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1)).to(device)
+    outputs = []
+    for run in (run_reference, run_pipeline):
+        torch.manual_seed(0)
+        adapter = WanAdapter(tiny_transformer(5).to(device, dtype), 6, 2, 8, 8)
+        finals = []
+        run(adapter, cfg, text, lambda b, x: finals.append(x.clone()))
+        outputs.append(torch.cat(finals, dim=2))
+    return torch.equal(*outputs)
+
+
+def main() -> None:
+    from diffusers import WanTransformer3DModel
+
+    from parallel_infer.config import DualParalConfig
+    from parallel_infer.pipeline import Conditioning
+    from parallel_infer.wan_adapter import WanAdapter
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--block", type=int, default=8)
+    p.add_argument("--cat", type=int, default=4)
+    p.add_argument("--lengths", type=int, nargs="+", help="latent frames of the full-sequence runs")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", help="also write the table as JSON here")
+    args = p.parse_args()
+
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    cfg = TINY if args.tiny else WAN_1_3B
+    height, width = (8, 8) if args.tiny else (480 // 8, 832 // 8)  # latent size of 480x832
+    text_tokens = 8 if args.tiny else 512
+    lengths = args.lengths or ([6, 12, 24] if args.tiny else [21, 41, 81, 121])  # 81..481 video frames
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WanTransformer3DModel(**cfg, rope_max_seq_len=1024).to(dtype).eval().requires_grad_(False)
+    for name, module in model.named_modules():  # as from_pretrained(torch_dtype=bf16) keeps them
+        if any(part in model._keep_in_fp32_modules for part in name.split(".")):
+            module.float()
+    params = sum(x.numel() for x in model.parameters())
+    text = torch.randn(2, text_tokens, cfg["text_dim"], device=device, dtype=dtype)
+    tokens_per_frame = (height // 2) * (width // 2)
+    rows = []
+
+    # Block-wise: one block-step with the feature cache filled (as for every block but the newest).
+    window = args.block + args.cat
+    dp = DualParalConfig(frames=window, steps=50, block=args.block, cat=args.cat)
+    adapter = WanAdapter(model, window, args.cat, height, width)
+    adapter.install_feature_cache(range(adapter.num_layers))
+    cond = Conditioning(adapter, dp, text)
+    latents = torch.randn(1, cfg["in_channels"], window, height, width, device=device)
+
+    @torch.inference_mode()
+    def block_step():
+        step = cond.steps[10]
+        hidden = adapter.embed(latents, 2)
+        for i in range(adapter.num_layers):
+            hidden = adapter.run_block(i, hidden, cond.text, step)
+        return adapter.head(hidden, step, args.block)
+
+    adapter.set_cache_flags(use=False, store=True)
+    block_step()
+    adapter.set_cache_flags(use=True, store=True)
+    seconds, peak = timed(block_step, device, args.repeats)
+    tokens = window * tokens_per_frame
+    flops = forward_flops(cfg, tokens, tokens + args.cat * tokens_per_frame, text_tokens, 2)
+    block_row = {"mode": "block-step", "latent_frames": window, "tokens": tokens, "seconds": seconds,
+                 "peak_gib": peak, "tflops": flops / seconds / 1e12}
+    rows.append(block_row)
+
+    # Full sequence at growing lengths, and what block-wise costs per denoising step of the same video.
+    adapter.set_cache_flags(use=False, store=False)  # the cached processor is then Wan's own attention
+    for frames in lengths:
+        x = torch.randn(2, cfg["in_channels"], frames, height, width, device=device, dtype=dtype)
+        t = torch.full((2,), 500.0, device=device)
+
+        @torch.inference_mode()
+        def full():
+            return model(x, t, text, return_dict=False)[0]
+
+        blocks = max(1, -(-(frames - window) // args.block) + 1)
+        try:
+            seconds, peak = timed(full, device, 1 if not args.tiny else args.repeats)
+            tokens = frames * tokens_per_frame
+            tflops = forward_flops(cfg, tokens, tokens, text_tokens, 2) / seconds / 1e12
+        except torch.OutOfMemoryError:
+            seconds, peak, tflops = float("nan"), float("nan"), float("nan")
+        del x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append({"mode": "full-sequence", "latent_frames": frames, "tokens": frames * tokens_per_frame,
+                     "seconds": seconds, "peak_gib": peak, "tflops": tflops,
+                     "blockwise_step_seconds": blocks * block_row["seconds"], "blockwise_peak_gib": block_row["peak_gib"]})
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (tiny)"
+    print(f"{name}; Wan {params / 1e9:.2f}B params, {dtype}, latent {height}x{width}, block {args.block} cat {args.cat}, CFG batch 2")
+    print(f"{'mode':<14} {'latent F':>8} {'tokens':>8} {'s/forward':>10} {'peak GiB':>9} {'TFLOP/s':>8} {'blockwise s/step':>17}")
+    for r in rows:
+        extra = f"{r['blockwise_step_seconds']:>17.3f}" if "blockwise_step_seconds" in r else f"{'':>17}"
+        print(f"{r['mode']:<14} {r['latent_frames']:>8} {r['tokens']:>8} {r['seconds']:>10.3f} {r['peak_gib']:>9.2f} {r['tflops']:>8.1f} {extra}")
+    exact = exactness_on(device, dtype)
+    print(f"pipeline (1 rank) == reference on {device.type} {dtype}: {exact}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "params": params, "rows": rows, "pipeline_equals_reference": exact}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
