@@ -57,10 +57,11 @@ def images_tab(actions: Actions, demo_dir: str) -> None:
             with gr.Column(scale=2):
                 with gr.Row():
                     ensemble_gallery = gr.Gallery(
-                        label="Ensemble", columns=4, format="png", elem_id="ensemble-gallery", elem_classes="pixelated"
+                        label="Ensemble", columns=3, format="png", elem_id="ensemble-gallery", elem_classes="pixelated"
                     )
                     monolith_gallery = gr.Gallery(
-                        label="Monolith (same noise)", columns=4, format="png", elem_classes="pixelated", visible=False
+                        label="Monolith (same noise)", columns=3, format="png", visible=False,
+                        elem_id="monolith-gallery", elem_classes="pixelated",
                     )
                 routing = gr.Plot(label="Routing weights per expert over the sampling steps")
     compare.change(lambda on: gr.Gallery(visible=on), compare, monolith_gallery, api_visibility="private", queue=False)
