@@ -5,7 +5,8 @@ a small canvas and bouncing off its walls, with a short prompt ("a 3 moving righ
 Clip i is computed on the fly from (seed, i) alone, so the set streams, never sits in memory, and is the same
 on every machine. Clips are (C=1, F, H, W) in [-1, 1], the layout WanTransformer3DModel reads per sample.
 
-A data spec names the set on the command line: `moving-digits` or `moving-digits:size=16,frames=12,clips=2048`.
+A data spec names the set on the command line: `moving-digits` or `moving-digits:size=16,frames=12,clips=2048`;
+`variants=N` draws each digit from the first N images of its class only (easier, for quick models).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class MovingDigitsConfig:
     size: int = 32
     max_digits: int = 2
     seed: int = 0
+    variants: int = 0  # source images per digit class (the first ones of the embedded set); 0 = all ~180
+
 
     def __post_init__(self):
         if self.clips < 1:
@@ -45,10 +48,12 @@ class MovingDigitsConfig:
             raise UsageError(f"moving digits: canvas size must be in {DIGIT_SIZE + 2}..256, got {self.size}")
         if self.max_digits not in (1, 2):
             raise UsageError(f"moving digits: max_digits must be 1 or 2, got {self.max_digits}")
+        if self.variants < 0:
+            raise UsageError(f"moving digits: variants must be >= 0 (0 = all images of a class), got {self.variants}")
 
     @classmethod
     def parse(cls, spec: str) -> "MovingDigitsConfig":
-        """`moving-digits[:key=value,...]` with keys clips, frames, size, max_digits, seed."""
+        """`moving-digits[:key=value,...]` with keys clips, frames, size, max_digits, seed, variants."""
         name, _, options = spec.partition(":")
         if name != "moving-digits":
             raise UsageError(f"not a moving-digits spec: {spec!r}")
@@ -119,7 +124,7 @@ class MovingDigitsDataset(Dataset):
         rng = np.random.default_rng((self.config.seed, i))
         n = int(rng.integers(1, self.config.max_digits + 1))
         labels = rng.integers(0, 10, n)
-        sources = np.array([rng.choice(self._by_class[c]) for c in labels])
+        sources = np.array([rng.choice(self._by_class[c][: self.config.variants or None]) for c in labels])
         motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
         span = self.size - DIGIT_SIZE
         start = rng.integers(0, span + 1, (n, 2))  # (x, y)
