@@ -24,7 +24,7 @@ def timestep_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class RouterModel(ModelMixin, ConfigMixin):
-    """Patchify -> + (timestep [+ class] embedding) -> pre-norm transformer layers -> mean pool -> K logits.
+    """Patchify -> [CLS | patches] + (timestep [+ class] embedding) -> pre-norm transformer layers -> CLS -> K logits.
 
     With `num_classes` set, class label `num_classes` means "no class" (the CFG null label), as for experts.
     `flow` and `manifest_fingerprint` record what the router was trained for; the ensemble checks them.
@@ -49,6 +49,7 @@ class RouterModel(ModelMixin, ConfigMixin):
         num_patches = (sample_size // patch_size) ** 2
         self.patch_embed = nn.Conv2d(in_channels, hidden_dim, patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))  # the pooled read-out attends to every patch
         self.time_embed = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
         self.class_embed = nn.Embedding(num_classes + 1, hidden_dim) if num_classes else None
         layer = nn.TransformerEncoderLayer(
@@ -60,6 +61,7 @@ class RouterModel(ModelMixin, ConfigMixin):
         correction = torch.tensor(logit_correction or [0.0] * num_experts, dtype=torch.float32)
         self.register_buffer("prior_correction", correction, persistent=False)  # lives in config.json
         nn.init.normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=0.02)
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2) + self.pos_embed
@@ -68,8 +70,9 @@ class RouterModel(ModelMixin, ConfigMixin):
             if class_labels is None:
                 class_labels = torch.full_like(timestep, self.config.num_classes, dtype=torch.long)
             cond = cond + self.class_embed(class_labels)
-        x = self.blocks(x + cond[:, None])
-        return self.head(self.norm(x.mean(dim=1))) + self.prior_correction
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + cond[:, None]
+        x = self.blocks(x)
+        return self.head(self.norm(x[:, 0])) + self.prior_correction
 
 
 def forward_flops(model: nn.Module, *args, **kwargs) -> int:

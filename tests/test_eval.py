@@ -84,3 +84,17 @@ def test_ddm_eval_samples_from_an_image_folder(digits, tmp_path):
     assert ddm_main(["eval", "--samples", str(tmp_path / "imgs"), "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["num_samples"] == 40 and metrics["accuracy"] > 0.9
+
+
+def test_ddm_eval_generates_from_an_ensemble(tmp_path):
+    from router.ensemble import DDMEnsemble
+    from test_router_fixtures import make_ensemble_dirs
+
+    router, experts = make_ensemble_dirs(tmp_path, 2)
+    DDMEnsemble.from_dirs(router, experts).save_pretrained(tmp_path / "ens")
+    out = tmp_path / "m.json"
+    args = ["eval", "--ensemble", str(tmp_path / "ens"), "--n", "20", "--steps", "2", "--strategy", "full", "--out", str(out)]
+    assert ddm_main(args) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["num_samples"] == 20 and len(metrics["per_class_accuracy"]) == 10 and metrics["fid"] > 0
+    assert ddm_main(["eval", "--ensemble", str(tmp_path / "ens"), "--n", "1"]) == 2
