@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ddm import UsageError
+from ddm.checkpoint import STATE_DIR
 from ddm.data_stream import STREAM_NOISE, StreamSampler, derive_seed
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -203,8 +205,11 @@ def run(args: argparse.Namespace) -> int:
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         start_step, wall_before = state["step"], state["wall_time"]
+    accelerator.wait_for_everyone()  # every rank has read the state before the main process tidies --out
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if state_path is not None and state_path.name != STATE_DIR:  # a kill between atomic_replace_dir's renames
+            os.replace(state_path, out / STATE_DIR)  # put it back, so the next checkpoint keeps it until replaced
         for leftover in out.glob(".*.staging"):  # a checkpoint a kill interrupted
             shutil.rmtree(leftover, ignore_errors=True)
         for leftover in out.glob(".*.tmp"):  # a file write a kill interrupted

@@ -176,6 +176,7 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(root, runs):
     assert "state.old" in runs["mid-replace"]["left"] and "state" not in runs["mid-replace"]["left"], runs["mid-replace"]["left"]
     assert runs["resumed"]["code"] == 0, runs["resumed"]["err"][-2000:]
     ref, out = root / "reference", root / "killed"
+    assert f"rename\t{out / 'state.old'}\t{out / 'state'}" in (root / "killed-4.log").read_text()  # state.old put back
     for f in COMPARED:
         a, b = load_file(ref / f), load_file(out / f)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
