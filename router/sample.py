@@ -2,8 +2,8 @@
 
 Writes OUT (PNG grid), OUT with .json (routing: per sample the expert used at every step, per step the mean
 weights and the number of samples per expert) and OUT with .safetensors (images in [0, 1] + class labels,
-readable by `ddm eval --samples`). With CFG the routing is reported for the conditional rows; the
-null-label rows are routed on their own and reported as `experts_uncond`.
+readable by `ddm eval --samples`); `--save-ensemble DIR` also writes the ensemble directory. With CFG the
+routing is reported for the conditional rows; the null-label rows are routed on their own (`experts_uncond`).
 """
 from __future__ import annotations
 
@@ -85,6 +85,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG grid")
     p.add_argument("--out", required=True, help="grid PNG path")
+    p.add_argument("--save-ensemble", help="also save the ensemble (router + experts + strategy) to this directory")
 
 
 def run(args) -> int:
@@ -111,6 +112,8 @@ def run(args) -> int:
     atomic_write_bytes(out, image_grid(images, args.scale))
     atomic_write_json(out.with_suffix(".json"), stats)
     atomic_save_tensors(out.with_suffix(".safetensors"), {"images": images, "labels": labels})
+    if args.save_ensemble:
+        ensemble.save_pretrained(args.save_ensemble)
     used = torch.tensor([e for s in stats["samples"] for e in s["experts"]])
     share = (torch.bincount(used, minlength=stats["num_experts"]).float() / len(used)).tolist()
     print(f"wrote {out} ({args.n} samples, strategy {ensemble.strategy}); expert share over steps: "

@@ -86,8 +86,10 @@ def test_pipeline_save_and_load(dirs, tmp_path):
 def test_ddm_sample_writes_grid_and_routing_statistics(dirs, tmp_path):
     _, router, experts = dirs
     out = tmp_path / "grid.png"
-    args = ["sample", "--router", str(router), "--experts", *map(str, experts[:3]), "--n", "6", "--steps", "4", "--out", str(out)]
+    args = ["sample", "--router", str(router), "--experts", *map(str, experts[:3]), "--n", "6", "--steps", "4", "--out", str(out),
+            "--save-ensemble", str(tmp_path / "ens")]
     assert ddm_main(args) == 0
+    assert DDMEnsemble.from_pretrained(tmp_path / "ens").islands == [0, 1, 2]
     assert Image.open(out).size == (4 * (3 * 9 + 1), 4 * (2 * 9 + 1))
     stats = json.loads(out.with_suffix(".json").read_text())
     assert stats["strategy"] == "topk:1" and stats["islands_present"] == [0, 1, 2] and len(stats["steps"]) == 4
