@@ -133,6 +133,7 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from ddm.checkpoint import config_difference, load_state, read_state_meta
     from ddm.flow import FlowConfig
@@ -155,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
     out = Path(args.out)
     state_path = check_out_dir(out, args.resume)
+    AcceleratorState._reset_state()  # a fresh precision setting for each run of this process (tests, scripts)
     try:
         accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # lets `accelerate launch --multi_gpu` run gloo processes on CPU

@@ -79,6 +79,16 @@ def test_monolith_trains_on_every_sample(digits_manifest, tmp_path):
     assert json.loads((out / "expert.json").read_text())["num_samples"] == 1797
 
 
+def test_mixed_precision_keeps_fp32_weights_and_does_not_stick_to_the_process(digits_manifest, tmp_path):
+    for precision in ("bf16", "no"):
+        out = tmp_path / precision
+        assert main(["train", "--manifest", str(digits_manifest), "--island", "1", "--out", str(out), *TINY, "--steps", "2",
+                     "--mixed-precision", precision]) == 0
+        weights = load_file(out / "state" / "ema.safetensors")
+        assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+        assert json.loads((out / "expert.json").read_text())["train_config"]["mixed_precision"] == precision
+
+
 def test_label_dropout_belongs_to_the_trainer(digits_manifest):
     """The diffusers label embedding would drop labels from the global RNG in train mode; ours must not."""
     import argparse
