@@ -6,6 +6,8 @@ timing, EMA, checkpoints, logging. A `Modality` owns the rest. `--modality NAME`
 line in that dict.
 
 Contract (all tensors on the trainer's device unless said otherwise):
+- `add_arguments(parser)` (classmethod): the modality's own flags. Every registered modality's flags are on
+  the `ddm train` parser, so a flag name may not clash with another modality's or the trainer's.
 - `__init__(manifest, args)`: load the manifest's data set (checked against its fingerprint) and validate any
   modality flags, raising `UsageError` before heavy work.
 - `config(preset)`: a JSON-able dict that identifies the network and its input (checked on resume, copied

@@ -137,6 +137,8 @@ def folder_manifest(tmp_path_factory):
     (["--mixed-precision", "no", "--lr", "-1"], "-1"),
     (["--out", "{tmp}/precious"], "precious"),
     (["--resume", "--out", "{tmp}/fresh"], "fresh"),
+    (["--modality", "audio"], "audio"),
+    (["--preset", "huge"], "huge"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(digits_manifest, tmp_path, capsys, extra, named):
     (tmp_path / "precious").mkdir()
