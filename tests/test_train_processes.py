@@ -4,10 +4,8 @@ Every training process runs through LAUNCHER, which records file-system events w
 (`sys.addaudithook`) and can SIGKILL its own process at a chosen event (e.g. while a checkpoint is half
 written). The reference run goes beside the killed-and-resumed chain to keep the wall time down.
 """
-import getpass
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -160,7 +158,8 @@ def test_island_reads_only_data_and_manifest_and_writes_only_its_out_dir(root, r
         if log == "reference.log":
             assert any(inside(p, [out / "state"]) for p in writes) and str(out / "metrics.jsonl") in writes
     # torch leaves an empty inductor cache folder in TMPDIR when imported; nothing else may remain there.
-    assert [(p.name, list(p.iterdir())) for p in (root / "tmp").iterdir()] == [(f"torchinductor_{getpass.getuser()}", [])]
+    left = [(p.name, sorted(p.iterdir())) for p in (root / "tmp").iterdir()]
+    assert all(name.startswith("torchinductor_") and not inside_it for name, inside_it in left), left
     # ... and flags what an island must not do.
     decoy, foreign = str(root / "other-island" / "expert.json"), str(root / "manifest" / "x")
     assert violations([["read", decoy], ["write", foreign]], root / "reference") == [("read", decoy), ("write", foreign)]
