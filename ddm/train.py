@@ -337,7 +337,7 @@ class IslandTrainer:
             if done % args.checkpoint_every == 0 or done == args.steps:
                 self.checkpoint(out, done, wall_before + time.perf_counter() - t0, meta)
         bar.close()
-        if start_step >= args.steps:  # already trained: only make sure the expert view is there
+        if start_step >= args.steps and not (out / "expert.json").is_file():  # killed between state and view
             self.write_expert_view(out, start_step, meta)
         if args.tensorboard:
             acc.end_training()

@@ -66,8 +66,11 @@ def test_finished_run_is_not_retrained_and_more_steps_continue_it(trained):
     before = snapshot(out)
     assert main(argv) == 0
     after = snapshot(out)
-    for name in ("state/model.safetensors", "state/state.json", "metrics.jsonl", "raw/diffusion_pytorch_model.safetensors"):
+    for name in ("state/model.safetensors", "state/state.json", "metrics.jsonl", "expert.json", "raw/diffusion_pytorch_model.safetensors"):
         assert after[name] == before[name], name
+    (out / "expert.json").unlink()  # as if killed after the last state was saved, before the expert view
+    assert main(argv) == 0
+    assert json.loads((out / "expert.json").read_text())["complete"]
     assert main([*argv, "--steps", "7"]) == 0
     assert json.loads((out / "state" / "state.json").read_text())["step"] == 7
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [3, 6, 7]
