@@ -98,3 +98,29 @@ def test_ddm_eval_generates_from_an_ensemble(tmp_path):
     metrics = json.loads(out.read_text())
     assert metrics["num_samples"] == 20 and len(metrics["per_class_accuracy"]) == 10 and metrics["fid"] > 0
     assert ddm_main(["eval", "--ensemble", str(tmp_path / "ens"), "--n", "1"]) == 2
+
+
+def test_ddm_eval_real_data_uses_a_local_feature_model(tmp_path, capsys):
+    from PIL import Image
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    model_dir = tmp_path / "vit"
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32)).save_pretrained(model_dir)
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(model_dir)
+    g = torch.Generator().manual_seed(0)
+    for folder, n in (("ref", 12), ("samples", 10)):
+        (tmp_path / folder).mkdir()
+        for i in range(n):
+            arr = (torch.rand(12, 12, 3, generator=g) * 255).byte().numpy()
+            Image.fromarray(arr).save(tmp_path / folder / f"{i}.png")
+    out = tmp_path / "m.json"
+    args = ["eval", "--samples", str(tmp_path / "samples"), "--data", "folder", "--feature-model", str(model_dir),
+            "--reference", str(tmp_path / "ref"), "--image-size", "12", "--out", str(out)]
+    assert ddm_main(args) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["num_samples"] == 10 and metrics["num_reference"] == 12 and metrics["fid"] >= 0
+    assert "accuracy" not in metrics
+    assert ddm_main(args[:5] + ["--feature-model", str(tmp_path / "missing"), *args[7:]]) == 2
+    assert "feature model" in capsys.readouterr().err
