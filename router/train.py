@@ -39,7 +39,12 @@ def read_experts(manifest: Manifest, expert_dirs: list) -> tuple[FlowConfig, dic
     if not expert_dirs:
         raise UsageError("train-router needs --experts: the router must learn the experts' own noise path")
     metas = [read_expert_meta(p) for p in expert_dirs]
-    configs = [json.loads((Path(p) / "config.json").read_text()) for p in expert_dirs]
+    configs = []
+    for p in expert_dirs:
+        try:
+            configs.append(json.loads((Path(p) / "config.json").read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"expert {p} has no readable config.json: {e}") from None
     check_experts(metas, configs, [str(p) for p in expert_dirs])
     meta = metas[0]
     if meta["k"] != manifest.k or meta["manifest_fingerprint"] != manifest.fingerprint:
