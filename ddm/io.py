@@ -11,6 +11,18 @@ import torch
 from safetensors.torch import save_file
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries: give them the usual umask-based mode, then rename."""
+    os.chmod(tmp, mode & ~_umask())
+    os.replace(tmp, path)
+
+
 def _atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,7 +32,7 @@ def _atomic(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path, 0o666)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -45,7 +57,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path, 0o666)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -73,4 +85,6 @@ def staging_dir(final: Path) -> Path:
     """A fresh empty directory beside `final`, on the same filesystem, for `atomic_replace_dir`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".staging"))
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".staging"))
+    os.chmod(staging, 0o777 & ~_umask())
+    return staging

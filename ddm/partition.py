@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -138,10 +137,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {manifest.sizes.count(0)} of {args.k} islands are empty")
     staging = staging_dir(out)
     manifest.save(staging)
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [staging, *staging.iterdir()]:  # temp files are private (0600); the manifest is shared read-only
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
     atomic_replace_dir(staging, out)
     labels = getattr(dataset, "labels", torch.full((n,), -1))
     print(f"{method} partition of {manifest.data} ({n} samples, features {extractor}) into {args.k} islands -> {out}")
