@@ -155,9 +155,9 @@ def run_pipeline(
             links.wait(work, peer)
             apply(done, buffer)
 
-    items = list(work_items(cfg))
+    num_items = cfg.num_blocks * cfg.steps  # the schedule is a generator: nothing grows with the video
     incoming = None if first else links.recv(new_hidden(), rank - 1)
-    for index, item in enumerate(items):
+    for index, item in enumerate(work_items(cfg)):
         _set_cache(adapter, cfg, item)
         step = cond.steps[item.step]
         if first:
@@ -168,7 +168,7 @@ def run_pipeline(
         else:
             work, hidden, peer = incoming
             links.wait(work, peer)
-            if index + 1 < len(items):  # post the next receive now, so it overlaps this block's compute
+            if index + 1 < num_items:  # post the next receive now, so it overlaps this block's compute
                 incoming = links.recv(new_hidden(), rank - 1)
         for i in layers:
             hidden = adapter.run_block(i, hidden, cond.text, step)

@@ -14,11 +14,11 @@ import torch
 TINY_WORDS = ["a", "cat", "dog", "runs", "jumps", "in", "the", "park", "snow", "red", "blue"]
 
 
-def tiny_transformer(layers: int = 5, channels: int = 3, text_dim: int = 16, heads: int = 2, head_dim: int = 12, ffn: int = 32):
+def tiny_transformer(layers: int = 5, channels: int = 3, text_dim: int = 16, heads: int = 2, head_dim: int = 12, ffn: int = 32, patch: int = 2):
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
+        patch_size=(1, patch, patch), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
         out_channels=channels, text_dim=text_dim, freq_dim=16, ffn_dim=ffn, num_layers=layers, rope_max_seq_len=256,
     ).eval()
 
