@@ -96,6 +96,7 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
         self.register_buffer("present", torch.tensor(self.islands), persistent=False)
         self.routing_weights: list[torch.Tensor] = []
         self.routing_generator: torch.Generator | None = None
+        self.eval()
 
     @classmethod
     def from_dirs(cls, router_dir, expert_dirs, strategy: str = DEFAULT_STRATEGY, device=None, dtype=None) -> "DDMEnsemble":
