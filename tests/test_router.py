@@ -62,7 +62,12 @@ def trained():
     islands = torch.where(ds.labels < 5, 0, torch.where(ds.labels < 8, 1, 2))
     manifest = digits_manifest(3, islands)
     flow = FlowConfig(shift=1.0)
-    router = train_router(ds.images, ds.labels, manifest, flow, 10, steps=300, batch_size=64, lr=3e-3, width=32, layers=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~10k tiny ops: threading only adds sync cost, badly so on a busy machine
+    try:
+        router = train_router(ds.images, ds.labels, manifest, flow, 10, steps=300, batch_size=64, lr=3e-3, width=32, layers=1)
+    finally:
+        torch.set_num_threads(threads)
     metrics = accuracy_by_sigma(router, ds.images, ds.labels, manifest.assignments, flow, 10)
     return ds, manifest, router, metrics
 
