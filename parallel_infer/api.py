@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from ddm import UsageError
 from ddm.io import atomic_write_json
-from parallel_infer.distributed import device_for, fail, init_with_file
+from parallel_infer.distributed import device_for, fail, init_with_file, ready
 from parallel_infer.loader import inspect_model, load_model
 from parallel_infer.render import Progress, Renderer, VideoSettings, plan_video
 
@@ -63,6 +63,7 @@ def render_video(
         try:
             device = init_with_file(0, ranks, store, timeout) if workers else device_for(0)
             model = load_model(info, device, default_dtype(device))
+            ready()
             loaded = time.perf_counter()
             record = Renderer(model, plan, video, timeout).render(prompt, video.seed, out_path, progress_callback)
         finally:
@@ -94,6 +95,7 @@ def _worker(index: int, world: int, store: str, model_dir: str, settings: dict, 
         info = inspect_model(model_dir)
         device = init_with_file(rank, world, store, timeout)
         model = load_model(info, device, default_dtype(device), load_vae=False)
+        ready()
         Renderer(model, plan_video(info, video, world), video, timeout).render(prompt, video.seed, None)
         dist.destroy_process_group()
     except Exception as e:  # one line, then leave: the peers see the broken link within their timeout

@@ -1,7 +1,9 @@
 """Process groups for DualParal: from torchrun's environment, or for workers we spawn ourselves.
 
-Every wait has a timeout (the process group's default and our own in pipeline.py), so when a rank dies or
-hangs the others raise instead of waiting forever.
+Two timeouts. Joining the group and loading the model may take minutes (imports, weights, a text encoder),
+so the group's own timeout, which `ready()` waits under, is at least STARTUP_TIMEOUT. Once every rank is
+ready, each wait in pipeline.py has the user's `timeout`: a rank that dies or hangs while rendering makes
+the others raise within it instead of waiting forever.
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+STARTUP_TIMEOUT = 600.0  # seconds
 
 
 def device_for(local_rank: int) -> torch.device:
@@ -33,15 +38,22 @@ def init_from_env(timeout: float) -> tuple[int, int, torch.device]:
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 1, device_for(0)
     device = device_for(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend(), timeout=timedelta(seconds=timeout), device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(backend(), timeout=timedelta(seconds=max(timeout, STARTUP_TIMEOUT)),
+                            device_id=device if device.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
 def init_with_file(rank: int, world: int, store_file: str, timeout: float) -> torch.device:
     device = device_for(rank)
     dist.init_process_group(backend(), init_method=f"file://{store_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout))
+                            timeout=timedelta(seconds=max(timeout, STARTUP_TIMEOUT)))
     return device
+
+
+def ready() -> None:
+    """Wait until every rank has loaded its model (under the startup timeout), so rendering starts together."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def fail(message: str, code: int = 1) -> None:

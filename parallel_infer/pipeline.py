@@ -91,19 +91,20 @@ class _Links:
         with self.peer(peer):
             return dist.irecv(buffer, peer), buffer, peer
 
-    def wait(self, work, peer: int) -> None:
+    def wait(self, work, peer: int | str) -> None:
         with self.peer(peer):
             work.wait(self.timeout)
 
     @contextmanager
-    def peer(self, peer: int):
+    def peer(self, peer: int | str):
         """Turn the backend's error for a dead or silent peer into one clear PeerFailure."""
         try:
             yield
         except RuntimeError as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            who = f"rank {peer}" if isinstance(peer, int) else peer
             raise PeerFailure(
-                f"rank {self.rank}: no answer from rank {peer} within {self.timeout.total_seconds():g} s, "
+                f"rank {self.rank}: no answer from {who} within {self.timeout.total_seconds():g} s, "
                 f"or it (or a rank it waits on) exited: {reason}"
             ) from None
 
@@ -193,5 +194,7 @@ def run_pipeline(
     if world == 1:
         return links.bytes_sent
     total = torch.tensor([links.bytes_sent], dtype=torch.float64, device=adapter.device)
-    dist.all_reduce(total)
+    with links.peer("another rank"):
+        work = dist.all_reduce(total, async_op=True)
+    links.wait(work, "another rank")
     return int(total.item())

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--no-feature-cache", action="store_true", help="ablation: blocks ignore the next block's keys/values")
     p.add_argument("--independent-noise", action="store_true", help="ablation: i.i.d. noise per block")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent or dead rank is an error")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a rank may stay silent while rendering before it is an error")
     p.add_argument("--threads", type=int, help="torch threads per process")
 
 
@@ -89,7 +89,7 @@ def render_batch(args, info, plan, settings, videos) -> int:
 
     from ddm.io import atomic_write_json
     from parallel_infer.api import default_dtype
-    from parallel_infer.distributed import fail, init_from_env
+    from parallel_infer.distributed import fail, init_from_env, ready
     from parallel_infer.loader import load_model
     from parallel_infer.render import Renderer
 
@@ -102,6 +102,7 @@ def render_batch(args, info, plan, settings, videos) -> int:
         if world > 1:  # rank 0's view of the output directory decides, also across machines
             dist.broadcast(todo, 0)
         model = load_model(info, device, default_dtype(device), load_vae=rank == 0)
+        ready()
         loaded = time.perf_counter()
         renderer = Renderer(model, plan, settings, args.timeout)
         for (path, prompt, seed, _), needed in zip(videos, todo.tolist()):

@@ -2,7 +2,7 @@
 dead or hung rank makes the others exit with a clear error instead of hanging.
 
 Ranks are forked (real processes with their own gloo process group; fork spares each one the ~6 s import
-of torch + diffusers that spawn pays). One thread per process: a kernel's blocking, hence its float
+of torch + diffusers that spawn pays); `render_video` spawns its workers, as the app will. One thread per process: a kernel's blocking, hence its float
 rounding, may depend on the thread count, so reference and ranks run at the same count.
 """
 from __future__ import annotations
@@ -148,3 +148,44 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     assert np.array_equal(iio.imread(tmp_path / "two" / f"{name}.mp4"), iio.imread(tmp_path / "one" / f"{name}.mp4"))
     sidecar = json.loads((tmp_path / "two" / f"{name}.json").read_text())
     assert sidecar["ranks"] == 2 and sidecar["bytes_sent"] > 0
+
+
+@pytest.fixture(scope="module")
+def api_model(tmp_path_factory):
+    from parallel_infer.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("api"), layers=3)
+
+
+API_VIDEO = dict(steps=3, block=4, cat=2, height=16, width=16, threads=1)
+
+
+def test_render_video_on_two_spawned_ranks_matches_one_process(api_model, tmp_path):
+    import imageio.v3 as iio
+    import numpy as np
+
+    from parallel_infer.api import render_video
+
+    progress = []
+    two = render_video(api_model, "a cat runs", tmp_path / "two.mp4", frames=14, ranks=2, **API_VIDEO,
+                       progress_callback=lambda done, total: progress.append(done))
+    render_video(api_model, "a cat runs", tmp_path / "one.mp4", frames=14, **API_VIDEO)
+    assert progress == [1, 2, 3] and two["ranks"] == 2 and two["bytes_sent"] > 0
+    assert np.array_equal(iio.imread(tmp_path / "two.mp4"), iio.imread(tmp_path / "one.mp4"))
+
+
+def test_render_video_raises_when_a_worker_dies(api_model, tmp_path):
+    import psutil
+
+    from parallel_infer.api import render_video
+
+    def kill_worker(done, total):
+        if done == 1:
+            for child in psutil.Process().children():
+                if "spawn_main" in " ".join(child.cmdline()):
+                    child.kill()
+
+    with pytest.raises(PeerFailure, match="rank 0: no answer from rank 1"):
+        render_video(api_model, "a cat runs", tmp_path / "v.mp4", frames=6 + 4 * 30, ranks=2, timeout=5.0,
+                     progress_callback=kill_worker, **API_VIDEO)
+    assert list(tmp_path.iterdir()) == []  # no partial video under any name
