@@ -6,7 +6,9 @@ are given back to the monolith as extra steps. Every DDM is sampled with the str
 sample1 and threshold:0.1; FID (digit-classifier features, vs the held-out 20% of the digits) over seeds,
 mean ± std. Ablation: a random partition at K=4.
 
-    python scripts/reproduce_ddm.py            # full: < 60 min on 2 cores; writes docs/benchmarks/ddm_reproduce.json
+    python scripts/reproduce_ddm.py            # full: ~25 min on 2 idle cores (timed pieces: 1000 steps at batch 64
+                                               # 39 s, at batch 8 14 s; 500 samples x 25 steps 4.4 s); writes
+                                               # docs/benchmarks/ddm_reproduce.json and docs/fragments/ddm.md
     python scripts/reproduce_ddm.py --quick    # tiny settings, < 5 min; writes under outputs/ unless told otherwise
 
 Training runs the real island trainer (`ddm train`) and router trainer (`ddm train-router`), --jobs at a time.
@@ -32,7 +34,7 @@ PAPER_TABLE1 = [  # DESIGN.md section 2: ImageNet, 8 experts of DiT-XL/2, FID
     ("monolith", 308, 12.81), ("full", 2490, 10.52), ("top1", 334, 9.84), ("top2", 642, 10.31),
     ("sample:1", 334, 157.05), ("threshold:0.1", None, 10.15),
 ]
-FULL = dict(ks=[2, 4, 8], seeds=[0, 1, 2], preset="tiny", steps=1000, batch_size=64, lr=1e-3, router_steps=400,
+FULL = dict(ks=[2, 4, 8], seeds=[0, 1, 2], preset="tiny", steps=2000, batch_size=64, lr=1e-3, router_steps=800,
             router_batch=64, router_width=16, router_layers=1, n_samples=500, sample_steps=25, cfg=1.5)
 QUICK = dict(ks=[2, 4], seeds=[0, 1], preset="tiny", steps=8, batch_size=8, lr=1e-3, router_steps=8,
              router_batch=16, router_width=16, router_layers=1, n_samples=24, sample_steps=2, cfg=1.5)
