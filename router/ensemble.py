@@ -133,9 +133,9 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
             torch.zeros(batch, self.config.num_experts, dtype=weights.dtype, device=weights.device).index_copy_(1, self.present, weights)
         )
         chosen = weights > 0
-        counts = chosen.sum(0).tolist()  # one host sync per step: the per-expert batch sizes
+        counts = chosen.sum(0).tolist()  # the per-expert batch sizes: the only host syncs of a step (+ nonzero)
         rows_by_expert = chosen.t().nonzero()[:, 1].split(counts)
-        out = torch.zeros_like(hidden_states)
+        out = hidden_states.new_zeros(batch, self.config.out_channels, *hidden_states.shape[2:])
         for expert, rows, w, n in zip(self.experts, rows_by_expert, weights.t(), counts):
             if n == 0:
                 continue

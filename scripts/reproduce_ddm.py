@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import os
-import shlex
 import statistics
 import sys
 import time
