@@ -146,7 +146,7 @@ def main() -> None:
             tflops = forward_flops(cfg, tokens, tokens, text_tokens, 2) / seconds / 1e12
         except torch.OutOfMemoryError:
             seconds, peak, tflops = float("nan"), float("nan"), float("nan")
-        del x
+        x = None  # free the input before the next length (the closure holds it)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append({"mode": "full-sequence", "latent_frames": frames, "tokens": frames * tokens_per_frame,
