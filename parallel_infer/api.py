@@ -18,7 +18,7 @@ from ddm import UsageError
 from ddm.io import atomic_write_json
 from parallel_infer.distributed import device_for, fail, init_with_file, ready
 from parallel_infer.loader import inspect_model, load_model
-from parallel_infer.render import Progress, Renderer, VideoSettings, plan_video
+from parallel_infer.render import Progress, Renderer, VideoSettings, check_prompts, plan_video
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -51,6 +51,7 @@ def render_video(
     video = VideoSettings(frames=frames, seconds=seconds, **settings)
     info = inspect_model(model_dir)
     plan = plan_video(info, video, ranks)
+    check_prompts(info, plan, video, [prompt])
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()

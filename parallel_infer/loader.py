@@ -49,6 +49,17 @@ class ModelInfo:
     flow_shift: float = DEFAULT_FLOW_SHIFT
     size: tuple[int, int] = DEFAULT_SIZE  # default output height, width in pixels
     prompts: str = ""  # where prompt embeddings come from, for messages
+    known_prompts: list[str] | None = None  # precomputed embeddings: the prompts they cover
+    vocabulary: list[str] | None = None  # our prompt encoder: the words it knows
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """UsageError for a prompt this model cannot encode, found from JSON before anything loads."""
+        for prompt in prompts:
+            if self.known_prompts is not None and prompt not in self.known_prompts:
+                raise UsageError(f"prompt {prompt!r} has no precomputed embedding in {self.path / 'prompts.json'}")
+            unknown = [w for w in prompt.lower().split() if self.vocabulary is not None and w not in self.vocabulary]
+            if unknown:
+                raise UsageError(f"prompt {prompt!r}: unknown word(s) {', '.join(map(repr, unknown))}; known words: {' '.join(self.vocabulary)}")
 
     @property
     def temporal_scale(self) -> int:
@@ -91,23 +102,24 @@ def inspect_model(path: str | Path) -> ModelInfo:
         size = (size, size) if isinstance(size, int) else tuple(size)
         shift = meta.get("flow", {}).get("shift", DEFAULT_FLOW_SHIFT)
         return ModelInfo(path, "expert", config["num_layers"], config["in_channels"], tuple(config["patch_size"]),
-                         flow_shift=shift, size=size, prompts="prompt_encoder/")
+                         flow_shift=shift, size=size, prompts="prompt_encoder/", vocabulary=meta.get("vocabulary"))
     if not (path / "transformer" / "config.json").is_file():
         raise UsageError(f"{path}: not a model directory (need transformer/config.json or expert.json)")
     config = _read_json(path / "transformer" / "config.json")
     vae = _read_json(path / "vae" / "config.json") if (path / "vae").is_dir() else None
     scheduler = _read_json(path / "scheduler" / "scheduler_config.json") if (path / "scheduler").is_dir() else None
+    known = None
     if (path / "text_encoder").is_dir() and (path / "tokenizer").is_dir():
         prompts = "text_encoder/ + tokenizer/"
     elif (path / "prompt_embeds.safetensors").is_file() and (path / "prompts.json").is_file():
-        prompts = "prompt_embeds.safetensors"
+        prompts, known = "prompt_embeds.safetensors", _read_prompt_list(path)
     else:
         raise UsageError(f"{path}: no prompt encoder: need text_encoder/ + tokenizer/, or prompt_embeds.safetensors + prompts.json")
     if vae is None and config["in_channels"] not in (1, 3):
         raise UsageError(f"{path}: no vae/ and {config['in_channels']} channels: a pixel-space model needs 1 or 3")
     shift = (scheduler or {}).get("shift") or (scheduler or {}).get("flow_shift") or DEFAULT_FLOW_SHIFT
     return ModelInfo(path, "diffusers", config["num_layers"], config["in_channels"], tuple(config["patch_size"]),
-                     vae=vae, scheduler=scheduler, flow_shift=shift, prompts=prompts)
+                     vae=vae, scheduler=scheduler, flow_shift=shift, prompts=prompts, known_prompts=known)
 
 
 @dataclass
@@ -168,12 +180,17 @@ def _umt5_encoder(path: Path, device) -> Callable[[list[str]], torch.Tensor]:
     return encode
 
 
-def _precomputed_embeddings(path: Path) -> Callable[[list[str]], torch.Tensor]:
-    from safetensors.torch import load_file
-
+def _read_prompt_list(path: Path) -> list[str]:
     prompts = _read_json(path / "prompts.json")
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise UsageError(f"{path / 'prompts.json'}: expected a JSON list of prompt strings")
+    return prompts
+
+
+def _precomputed_embeddings(path: Path) -> Callable[[list[str]], torch.Tensor]:
+    from safetensors.torch import load_file
+
+    prompts = _read_prompt_list(path)
     tensors = load_file(path / "prompt_embeds.safetensors")
     index = {p: i for i, p in enumerate(prompts)}
 

@@ -85,6 +85,11 @@ def plan_video(info: ModelInfo, s: VideoSettings, ranks: int = 1) -> Plan:
     return Plan(config, frames, height, width, latent_size)
 
 
+def check_prompts(info: ModelInfo, plan: Plan, settings: VideoSettings, prompts: list[str]) -> None:
+    """Every prompt (and the negative one, with guidance) must be one the model can encode."""
+    info.check_prompts(prompts + ([settings.negative_prompt] if plan.config.guided else []))
+
+
 def settings_record(info: ModelInfo, plan: Plan, settings: VideoSettings, prompt: str, seed: int) -> dict:
     """What makes a video what it is: compared when a batch is re-run."""
     return {"prompt": prompt, "model": str(info.path), **plan.describe(), "seed": seed, "fps": settings.fps,

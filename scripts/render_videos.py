@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from parallel_infer.loader import inspect_model
-    from parallel_infer.render import VideoSettings, complete_sidecar, plan_video, settings_record
+    from parallel_infer.render import VideoSettings, check_prompts, complete_sidecar, plan_video, settings_record
 
     # Everything the user typed is checked here, on every rank, before any weight loads or collective call.
     if args.timeout <= 0:
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     )
     info = inspect_model(args.model)
     plan = plan_video(info, settings, int(os.environ.get("WORLD_SIZE", 1)))
+    check_prompts(info, plan, settings, prompts)
     videos = []
     for i, prompt in enumerate(prompts):
         path, seed = args.out / video_name(i, prompt), settings.seed + i

@@ -95,6 +95,10 @@ def test_bad_requests_fail_before_any_work(pixel_model, tmp_path):
         render_video(pixel_model, "a cat runs", out, **SMALL)
     with pytest.raises(UsageError, match="not a model directory"):
         render_video(tmp_path, "a cat runs", out, frames=26, **SMALL)
+    with pytest.raises(UsageError, match="'a cow' has no precomputed embedding"):
+        render_video(pixel_model, "a cow", out, frames=26, **SMALL)
+    with pytest.raises(UsageError, match="'the void' has no precomputed embedding"):  # the unconditional branch
+        render_video(pixel_model, "a cat runs", out, frames=26, negative_prompt="the void", **SMALL)
     assert not any(tmp_path.iterdir())
 
 
