@@ -126,14 +126,25 @@ def evaluate_samples(images01, labels, reference01, features: ImageFeatures, cla
     return result
 
 
-def generate(ensemble_dir, n: int, strategy: str | None, steps: int, cfg: float, seed: int, batch_size: int = 256):
-    """n samples in [0, 1] from an ensemble directory, classes cycling 0..C-1, and their labels."""
-    from router.ensemble import DDMEnsemble
+def generate(model_dir, n: int, strategy: str | None, steps: int, cfg: float, seed: int, batch_size: int = 256):
+    """n samples in [0, 1] from an ensemble directory or one expert directory (e.g. the monolith), classes
+    cycling 0..C-1, and their labels. The same seed gives the same initial noise for either kind of model."""
     from router.pipeline import make_pipeline
 
-    ensemble = DDMEnsemble.from_pretrained(ensemble_dir, strategy=strategy)
-    pipe = make_pipeline(ensemble, ensemble.metas[0]["flow"]["shift"])
-    labels = torch.arange(n) % ensemble.config.num_embeds_ada_norm
+    if (Path(model_dir) / "expert.json").is_file():
+        from ddm.experts import load_expert
+
+        if strategy:
+            raise UsageError(f"--strategy {strategy} needs an ensemble; {model_dir} is a single expert")
+        model, meta = load_expert(model_dir)
+        num_classes, shift = meta["num_classes"], meta["flow"]["shift"]
+    else:
+        from router.ensemble import DDMEnsemble
+
+        model = DDMEnsemble.from_pretrained(model_dir, strategy=strategy)
+        num_classes, shift = model.config.num_embeds_ada_norm, model.metas[0]["flow"]["shift"]
+    pipe = make_pipeline(model, shift)
+    labels = torch.arange(n) % num_classes
     gen = torch.Generator().manual_seed(seed)
     images = [pipe(chunk, steps, cfg, gen, output_type="pt").images for chunk in labels.split(batch_size)]
     return torch.cat(images), labels
@@ -142,7 +153,7 @@ def generate(ensemble_dir, n: int, strategy: str | None, steps: int, cfg: float,
 def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="a .safetensors from `ddm sample`, or a folder of images (sub-folders = classes)")
-    src.add_argument("--ensemble", help="an ensemble directory to sample from")
+    src.add_argument("--ensemble", help="an ensemble directory, or one expert directory (e.g. the monolith), to sample from")
     p.add_argument("--n", type=int, default=1000, help="samples to generate with --ensemble")
     p.add_argument("--strategy", default=None, help="override the ensemble's routing strategy")
     p.add_argument("--steps", type=int, default=50)

@@ -124,3 +124,17 @@ def test_ddm_eval_real_data_uses_a_local_feature_model(tmp_path, capsys):
     assert "accuracy" not in metrics
     assert ddm_main(args[:5] + ["--feature-model", str(tmp_path / "missing"), *args[7:]]) == 2
     assert "feature model" in capsys.readouterr().err
+
+
+def test_ddm_eval_samples_one_expert_like_a_one_expert_ensemble(tmp_path):
+    """The monolith is evaluated through the same command; with a pass-through K=1 router the images match."""
+    from ddm.evaluate import generate
+    from router.ensemble import DDMEnsemble
+    from test_router_fixtures import make_ensemble_dirs
+
+    router, experts = make_ensemble_dirs(tmp_path, 1)
+    DDMEnsemble.from_dirs(router, experts).save_pretrained(tmp_path / "ens")
+    alone, labels = generate(experts[0], 6, None, 2, 1.5, seed=3)
+    routed, _ = generate(tmp_path / "ens", 6, None, 2, 1.5, seed=3)
+    assert torch.equal(alone, routed) and labels.tolist() == [0, 1, 2, 3, 4, 5]
+    assert ddm_main(["eval", "--ensemble", str(experts[0]), "--n", "4", "--steps", "2", "--strategy", "full"]) == 2
