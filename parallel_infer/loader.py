@@ -148,7 +148,7 @@ def load_model(info: ModelInfo, device=None, dtype=torch.float32, load_vae: bool
     if info.vae is not None and load_vae:  # the VAE decodes in float32: it is small and sensitive
         vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).to(device).eval()
     if (path / "text_encoder").is_dir() and (path / "tokenizer").is_dir():
-        encode = _umt5_encoder(path, device)
+        encode = _umt5_encoder(path, device, dtype)
     else:
         encode = _precomputed_embeddings(path)
     return VideoModel(info, transformer.requires_grad_(False), encode, vae, info.scheduler)
@@ -162,12 +162,12 @@ def _no_grad(fn):
     return wrapped
 
 
-def _umt5_encoder(path: Path, device) -> Callable[[list[str]], torch.Tensor]:
+def _umt5_encoder(path: Path, device, dtype: torch.dtype) -> Callable[[list[str]], torch.Tensor]:
     """As WanPipeline._get_t5_prompt_embeds: UMT5 output up to each prompt's length, zeros after."""
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder").to(device).eval()
+    encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype).to(device).eval()  # bf16 on GPU
 
     @torch.inference_mode()
     def encode(prompts: list[str]) -> torch.Tensor:
