@@ -35,6 +35,9 @@ SETTINGS = {
     "expert_batch": 16 if FAST else 32,
     "lr": 1e-3,  # few steps: a higher rate than the trainer's default, with a short warmup
     "warmup_steps": 2 if FAST else 25,
+    "router_steps": 30 if FAST else 600,
+    "sample_steps": 8 if FAST else 25,
+    "fid_samples": 50 if FAST else 400,
 }
 
 
@@ -78,7 +81,35 @@ def stage_train(ctx: dict) -> None:
     train_expert(ctx, "all", ctx["monolith"], ctx["k"] * ctx["expert_batch"])
 
 
-STAGES = [stage_partition, stage_train]
+def stage_router(ctx: dict) -> None:
+    ctx["router"] = router = ctx["out"] / "router"
+    if (router / "router_metrics.json").is_file():
+        print(f"reusing {router}")
+        return
+    run_ddm("train-router", "--manifest", ctx["manifest"], "--experts", *ctx["experts"], "--out", router,
+            "--steps", ctx["router_steps"], "--seed", ctx["seed"])
+
+
+def stage_sample(ctx: dict) -> None:
+    """A grid through the top-1 ensemble (with routing statistics), then FID of ensemble vs monolith."""
+    ctx["ensemble"] = ensemble = ctx["out"] / "ensemble"
+    grid = ctx["out"] / "grid.png"
+    if not (ensemble / "ensemble.json").is_file() or not grid.is_file():
+        run_ddm("sample", "--router", ctx["router"], "--experts", *ctx["experts"], "--strategy", "top1",
+                "--n", 40, "--steps", ctx["sample_steps"], "--cfg", 1.5, "--seed", ctx["seed"], "--out", grid,
+                "--save-ensemble", ensemble)
+    ctx["fid"] = {}
+    for name, model in (("ensemble (top-1)", ensemble), ("monolith", ctx["monolith"])):
+        out = ctx["out"] / f"eval-{'ensemble' if model == ensemble else 'monolith'}.json"
+        if not out.is_file():
+            run_ddm("eval", "--ensemble", model, "--n", ctx["fid_samples"], "--steps", ctx["sample_steps"],
+                    "--cfg", 1.5, "--seed", ctx["seed"], "--out", out)
+        ctx["fid"][name] = json.loads(out.read_text())
+    for name, m in ctx["fid"].items():
+        print(f"FID {name}: {m['fid']:.1f}  accuracy {m['accuracy']:.3f}  ({m['num_samples']} samples)")
+
+
+STAGES = [stage_partition, stage_train, stage_router, stage_sample]
 
 
 def main() -> int:
