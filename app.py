@@ -30,6 +30,7 @@ def build_app(actions: Actions, demo_dir: str) -> gr.Blocks:
     with gr.Blocks(title="ddm-suite", analytics_enabled=False) as app:
         gr.Markdown(
             "# ddm-suite\nDecentralized diffusion (islands → experts → router ensemble) and DualParal long videos. "
+            f"The defaults point at `{demo_dir}` (run `make demo` first). "
             f"Paths are read only below: `{actions.roots.describe()}`."
         )
         images_tab(actions, demo_dir)
@@ -99,11 +100,11 @@ def video_tab(actions: Actions, demo_dir: str) -> None:
                         0, precision=0, minimum=0, label="Width (0 = the model's)", elem_id="video-width"
                     )
                 with gr.Row():
-                    video_steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="video-steps")
-                    video_cfg = gr.Slider(1.0, 20.0, value=5.0, step=0.1, label="CFG scale")
+                    video_steps = gr.Slider(1, MAX_STEPS, value=10, step=1, label="Steps", elem_id="video-steps")
+                    video_cfg = gr.Slider(1.0, 20.0, value=3.0, step=0.1, label="CFG scale")
                 with gr.Row():
-                    block = gr.Slider(1, 64, value=8, step=1, label="Block size (latent frames)")
-                    cat = gr.Slider(1, 63, value=4, step=1, label="Context size (latent frames)")
+                    block = gr.Slider(1, 64, value=5, step=1, label="Block size (latent frames)")
+                    cat = gr.Slider(1, 63, value=3, step=1, label="Context size (latent frames)")
                 with gr.Row():
                     video_seed = gr.Number(0, precision=0, label="Seed")
                     workers = gr.Slider(
