@@ -257,7 +257,8 @@ def video_jobs(args) -> list[tuple[Path, str, int | None, int | None]]:
             raise UsageError(f"no prompt for {path}: pass --prompts (it has no JSON sidecar naming one)")
         prompt_digits(prompt)
         block, first = args.block, args.first_block
-        pixel_space = settings.get("frames") == settings.get("video_frames")  # latent frame = video frame
+        # Pixel space: one latent frame per video frame (a VAE packs several), the layout maybe cut at the end.
+        pixel_space = settings.get("frames", 0) >= settings.get("video_frames", 1)
         if block is None and pixel_space and "block" in settings:
             block, first = settings["block"], first or settings["block"] + settings["cat"]
         jobs.append((path, prompt, block, first))
