@@ -180,7 +180,8 @@ def routing_plot(weights: torch.Tensor, islands: list[int]) -> Figure:
         if i >= samples:
             ax.set_visible(False)
             continue
-        ax.stackplot(x, weights[:, i, :].T.numpy(), colors=colors, labels=[f"expert {j}" for j in range(k)])
+        labels = [f"expert {j}" for j in range(k)]
+        ax.stackplot(x, weights[:, i, :].T.numpy(), colors=colors, labels=labels, step="mid")  # one value per step
         ax.set_title(f"sample {i}", fontsize=8)
         ax.set_ylim(0, 1)
         ax.tick_params(labelsize=7)
