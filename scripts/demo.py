@@ -1,10 +1,18 @@
 """The end-to-end demo (`make demo`): each stage is a small function, run in order, sharing one context dict.
 
-Stages so far:
-  1. partition  the embedded digits into K=4 balanced k-means islands        -> outputs/demo/manifest
-  2. train      one expert per island, then the monolith on all the data      -> outputs/demo/experts/island-K, monolith
-                at equal total training FLOPs: the monolith's batch is K x the expert batch, same steps.
-Later stages (router, sample grid, video model, DualParal render, HTML page) append to STAGES.
+Stages:
+  1. partition    the embedded digits into K=4 balanced k-means islands      -> outputs/demo/manifest
+  2. train        one expert per island, then the monolith on all the data    -> outputs/demo/experts/island-K, monolith
+                  at equal total training FLOPs: the monolith's batch is K x the expert batch, same steps.
+  3. router       the router on the experts' noise path                       -> outputs/demo/router
+  4. sample       a top-1 grid with routing statistics, the ensemble dir, FID -> outputs/demo/grid.png, ensemble/
+  5. video_train  the video modality of the same trainer on moving digits     -> outputs/demo/video-train
+  6. video        a 60 s, 16 fps DualParal render on 2 processes + its scores -> outputs/demo/video.mp4
+  7. page         everything on one page                                      -> outputs/demo/index.html
+
+The 60 s video comes from the shipped quick video model (ddm/assets/video/quick, copied to
+outputs/demo/video-model), which is the video_train command run for 3,000 steps (docs/video.md): the demo's own
+short video run shows the trainer at work but is not trained long enough to draw digits on request.
 
 Re-running reuses finished stages: an existing manifest with the same settings is kept, and an expert whose
 training completed is not retrained (an interrupted one resumes from its checkpoint).
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ddm import UsageError  # noqa: E402
 from ddm.cli import main as ddm  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from demo_page import stage_page  # noqa: E402
 
 FAST = os.environ.get("DEMO_FAST") == "1"
 SETTINGS = {
@@ -38,6 +50,10 @@ SETTINGS = {
     "router_steps": 30 if FAST else 600,
     "sample_steps": 8 if FAST else 25,
     "fid_samples": 50 if FAST else 400,
+    "video_data": "moving-digits:size=12,frames=8,max_digits=1,variants=1,clips=8192",
+    "video_steps": 10 if FAST else 300,
+    "video_prompt": "a 3 moving right",
+    "video_seconds": 4 if FAST else 60,
 }
 
 
@@ -59,17 +75,20 @@ def stage_partition(ctx: dict) -> None:
     run_ddm("partition", "--data", "digits", "--k", ctx["k"], "--balanced", "--seed", ctx["seed"], "--out", manifest)
 
 
-def train_expert(ctx: dict, island: str, out: Path, batch_size: int) -> None:
+def train_expert(ctx: dict, island: str, out: Path, batch_size: int, manifest: Path | None = None,
+                 modality: str = "image", steps: int | None = None, lr: float | None = None) -> None:
+    steps = steps or ctx["steps"]
     meta_path = out / "expert.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("complete") and meta.get("steps") == ctx["steps"]:
+        if meta.get("complete") and meta.get("steps") == steps:
             print(f"reusing {out} (trained {meta['steps']} steps)")
             return
-    run_ddm("train", "--manifest", ctx["manifest"], "--island", island, "--out", out, "--preset", ctx["preset"],
-            "--steps", ctx["steps"], "--batch-size", batch_size, "--seed", ctx["seed"], "--lr", ctx["lr"],
+    run_ddm("train", "--manifest", manifest or ctx["manifest"], "--island", island, "--out", out,
+            "--modality", modality, "--preset", ctx["preset"] if modality == "image" else "small",
+            "--steps", steps, "--batch-size", batch_size, "--seed", ctx["seed"], "--lr", lr or ctx["lr"],
             "--warmup-steps", ctx["warmup_steps"],
-            "--checkpoint-every", max(ctx["steps"] // 4, 1), "--log-every", max(ctx["steps"] // 20, 1))
+            "--checkpoint-every", max(steps // 4, 1), "--log-every", max(steps // 20, 1))
 
 
 def stage_train(ctx: dict) -> None:
@@ -109,12 +128,47 @@ def stage_sample(ctx: dict) -> None:
         print(f"FID {name}: {m['fid']:.1f}  accuracy {m['accuracy']:.3f}  ({m['num_samples']} samples)")
 
 
-STAGES = [stage_partition, stage_train, stage_router, stage_sample]
+def stage_video_train(ctx: dict) -> None:
+    """The island trainer with --modality video, on our moving-digits clips (the quick model's data)."""
+    manifest, out = ctx["out"] / "video-manifest", ctx["out"] / "video-train"
+    if not (manifest / "manifest.json").is_file():
+        run_ddm("partition", "--data", ctx["video_data"], "--k", 1, "--random", "--features", "clip-params",
+                "--seed", ctx["seed"], "--out", manifest)
+    train_expert(ctx, "all", out, 16, manifest=manifest, modality="video", steps=ctx["video_steps"], lr=2e-3)
+    ctx["video_train"] = out
+
+
+def stage_video(ctx: dict) -> None:
+    """60 s at 16 fps through DualParal on 2 processes (rank 0 is this process), then its quality scores."""
+    from parallel_infer.api import render_video
+
+    model = ctx["out"] / "video-model"
+    if not (model / "expert.json").is_file():
+        shutil.copytree(REPO / "ddm" / "assets" / "video" / "quick", model, dirs_exist_ok=True)
+    ctx["video"] = video = ctx["out"] / "video.mp4"
+    if not video.is_file():
+        bar = tqdm(desc="DualParal blocks", unit="block")
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        render_video(model, ctx["video_prompt"], video, seconds=ctx["video_seconds"], fps=16, steps=10, block=5,
+                     cat=3, cfg=3.0, seed=ctx["seed"], ranks=2, threads=1, progress_callback=progress)
+        bar.close()
+    scores = ctx["out"] / "video-scores.json"
+    if not scores.is_file():
+        run_ddm("eval-video", video, "--out", scores)
+    ctx["video_record"] = json.loads(video.with_suffix(".json").read_text())
+    ctx["video_scores"] = json.loads(scores.read_text())["results"][0]
+
+
+STAGES = [stage_partition, stage_train, stage_router, stage_sample, stage_video_train, stage_video, stage_page]
 
 
 def main() -> int:
     ctx = dict(SETTINGS)
-    start = time.perf_counter()
+    ctx["start"] = start = time.perf_counter()
     for stage in STAGES:
         t = time.perf_counter()
         print(f"== {stage.__name__.removeprefix('stage_')}")

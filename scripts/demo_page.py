@@ -1,0 +1,144 @@
+"""The demo's last stage: one HTML page (outputs/demo/index.html) showing what every earlier stage produced.
+
+It only reads what the stages wrote (manifest, metrics.jsonl, router_metrics.json, grid.json, eval and video
+JSON) and draws one figure of the training curves; every number on the page comes from those files.
+"""
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def loss_figure(ctx: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+    runs = [(f"island {k}", d) for k, d in enumerate(ctx["experts"])] + [("monolith", ctx["monolith"])]
+    for name, directory in runs:
+        rows = read_jsonl(directory / "metrics.jsonl")
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name, lw=2 if name == "monolith" else 1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("flow-matching loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    cells = lambda tag, row: "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in row)  # noqa: E731
+    return f"<table><tr>{cells('th', header)}</tr>" + "".join(f"<tr>{cells('td', r)}</tr>" for r in rows) + "</table>"
+
+
+def islands_section(ctx: dict) -> str:
+    from ddm.manifest import Manifest
+
+    manifest = Manifest.load(ctx["manifest"])
+    labels = manifest.load_dataset().labels
+    rows = []
+    for k in range(manifest.k):
+        counts = torch.bincount(labels[manifest.assignments == k], minlength=10)
+        top = counts.argsort(descending=True)[:3].tolist()
+        rows.append([k, manifest.sizes[k], ", ".join(f"{d} ({counts[d] / counts.sum():.0%})" for d in top)])
+    return (
+        f"<h2>1. Islands</h2><p>{manifest.method} on {manifest.extractor} features split the {len(labels)} digits "
+        f"into {manifest.k} islands. Each expert trained on its island alone; the monolith trained on everything with "
+        f"a {manifest.k}&times; larger batch (equal total training FLOPs).</p>"
+        + table(["island", "samples", "most common digits"], rows)
+        + '<p><img src="training.png" alt="training curves"></p>'
+    )
+
+
+def router_section(ctx: dict) -> str:
+    metrics = json.loads((ctx["router"] / "router_metrics.json").read_text())
+    rows = [[f"[{b['sigma'][0]:.1f}, {b['sigma'][1]:.1f})", f"{b['accuracy']:.3f}"] for b in metrics["buckets"]]
+    return (
+        "<h2>2. Router</h2><p>The router learns which island a noisy sample came from, on the experts' own noise "
+        "path. It is sure at low noise and falls towards the cluster prior as &sigma; &rarr; 1.</p>"
+        + table(["noise level σ", "top-1 accuracy"], rows)
+    )
+
+
+def samples_section(ctx: dict) -> str:
+    stats = json.loads((ctx["out"] / "grid.json").read_text())
+    k = stats["num_experts"]
+    final = torch.tensor([s["experts"][-1] for s in stats["samples"]])
+    share = torch.bincount(final, minlength=k).tolist()
+    fid_rows = [[name, f"{m['fid']:.1f}", f"{m['accuracy']:.3f}", m["num_samples"]] for name, m in ctx["fid"].items()]
+    return (
+        f"<h2>3. Samples through the ensemble</h2><p>{len(stats['samples'])} samples, classes 0&ndash;9 in order, "
+        f"{ctx['sample_steps']} flow-matching Euler steps, CFG {stats['cfg']}, routing "
+        f"<code>{html.escape(stats['strategy'])}</code>: each step runs the one expert the router picks per sample. "
+        f"Samples that ended on each expert: {', '.join(f'expert {i}: {n}' for i, n in enumerate(share))} "
+        "(per-step routing in <code>grid.json</code>).</p>"
+        '<p><img src="grid.png" alt="sample grid" class="pixel"></p>'
+        + table(["model", "FID (held-out digits)", "classifier accuracy", "samples"], fid_rows)
+        + "<p>FID uses the features of a small digit classifier and the fixed held-out 20% of the digits "
+        "(docs/ddm.md); lower is better. Small settings: compare the two lines, not with the paper.</p>"
+    )
+
+
+def video_section(ctx: dict) -> str:
+    record, scores = ctx["video_record"], ctx["video_scores"]
+    settings = record["settings"]
+    seconds = record["frames_written"] / settings["fps"]
+    rows = [
+        ["frames", f"{record['frames_written']} ({seconds:.0f} s at {settings['fps']} fps)"],
+        ["layout", f"block {settings['block']}, context {settings['cat']}, {settings['steps']} steps"],
+        ["ranks", record.get("ranks", 2)],
+        ["denoise time", f"{record['timings_s']['denoise']:.1f} s"],
+        ["bytes between ranks", f"{record['bytes_sent'] / 1e6:.1f} MB"],
+        ["digit fidelity", f"{scores['fidelity']:.3f}"],
+        ["seam score (1 = no seams)", f"{scores['seam']:.2f}"],
+        ["drift (first 10% − last 10%)", f"{scores['drift']:+.3f}"],
+        ["flicker (real clips)", f"{scores['flicker']:.3f} ({scores['flicker_real']:.3f})"],
+    ]
+    return (
+        f"<h2>4. A long video with DualParal</h2><p>Prompt: <b>{html.escape(settings['prompt'])}</b>. The video "
+        "transformer's layers were split over 2 processes; frames were denoised in blocks at staggered noise "
+        "levels, each block attending to its neighbour's cached features, and written to the MP4 as they left "
+        "the queue. The model is the shipped quick video model (the demo's own video run, "
+        f"<code>{html.escape(str(ctx['video_train'].relative_to(ctx['out'])))}</code>, is the same command with "
+        "fewer steps).</p>"
+        '<p><video src="video.mp4" controls autoplay loop muted class="pixel" width="288"></video></p>'
+        + table(["", ""], rows)
+    )
+
+
+def stage_page(ctx: dict) -> None:
+    out = ctx["out"]
+    loss_figure(ctx, out / "training.png")
+    body = islands_section(ctx) + router_section(ctx) + samples_section(ctx) + video_section(ctx)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>ddm-suite demo</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; line-height: 1.45; color: #222; }}
+table {{ border-collapse: collapse; margin: .5rem 0; }} td, th {{ border: 1px solid #ccc; padding: .2rem .6rem; }}
+.pixel {{ image-rendering: pixelated; }} img.pixel {{ width: 30rem; }}
+</style></head><body>
+<h1>ddm-suite demo</h1>
+<p><b>What you are looking at.</b> The embedded 8&times;8 digits were split into islands by clustering; one small
+diffusion transformer (an <i>expert</i>) trained on each island without ever seeing the others' data, as if each
+ran on a different cluster. A router learned to tell, from a noisy image, which island it came from; at sampling
+time it sends each sample to one expert per step, so the experts act as one model. Below that, a video diffusion
+transformer trained on moving digits renders a minute-long video with DualParal.</p>
+{body}
+<p><small>Made by <code>make demo</code> (scripts/demo.py) in {time.perf_counter() - ctx['start']:.0f} s.</small></p>
+</body></html>
+"""
+    from ddm.io import atomic_write_bytes
+
+    atomic_write_bytes(out / "index.html", page.encode())
+    print(f"open {out / 'index.html'}")
