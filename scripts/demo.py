@@ -17,6 +17,7 @@ short video run shows the trainer at work but is not trained long enough to draw
 Re-running reuses finished stages: an existing manifest with the same settings is kept, and an expert whose
 training completed is not retrained (an interrupted one resumes from its checkpoint).
 DEMO_FAST=1 shrinks everything (tiny models, few steps) to well under a minute, in outputs/demo-fast.
+DEMO_OUT=DIR writes somewhere else (the tests use it).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from demo_page import stage_page  # noqa: E402
 
 FAST = os.environ.get("DEMO_FAST") == "1"
 SETTINGS = {
-    "out": REPO / "outputs" / ("demo-fast" if FAST else "demo"),
+    "out": Path(os.environ.get("DEMO_OUT") or REPO / "outputs" / ("demo-fast" if FAST else "demo")),
     "k": 4,
     "seed": 0,
     "preset": "tiny" if FAST else "small",
