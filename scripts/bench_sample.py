@@ -5,7 +5,7 @@ Experts and router are built untrained (timing does not depend on the weights); 
 scaled so that it spreads each batch over all experts, as a trained router does, so top-1 pays the real
 gather/scatter cost. Configurations run interleaved, `--repeats` rounds, median per configuration.
 
-    python scripts/bench_sample.py     # writes docs/benchmarks/sample.json and a section of docs/fragments/ddm.md
+    python scripts/bench_sample.py     # writes docs/benchmarks/sample.json and a section of docs/BENCHMARKS.md
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="1: on a shared machine, more threads time the contention, not the work")
     p.add_argument("--json", default=str(ROOT / "docs/benchmarks/sample.json"))
-    p.add_argument("--fragment", default=str(ROOT / "docs/fragments/ddm.md"))
+    p.add_argument("--fragment", default=str(ROOT / "docs/BENCHMARKS.md"), help="markdown file whose bench-sample section is replaced")
     args = p.parse_args(argv)
     from ddm.io import atomic_write_json
     from reproduce_ddm import update_fragment

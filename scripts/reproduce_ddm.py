@@ -8,7 +8,7 @@ mean ± std. Ablation: a random partition at K=4.
 
     python scripts/reproduce_ddm.py            # full: ~25 min on 2 idle cores (timed pieces: 1000 steps at batch 64
                                                # 39 s, at batch 8 14 s; 500 samples x 25 steps 4.4 s); writes
-                                               # docs/benchmarks/ddm_reproduce.json and docs/fragments/ddm.md
+                                               # docs/benchmarks/ddm_reproduce.json and docs/RESULTS.md
     python scripts/reproduce_ddm.py --quick    # tiny settings, < 5 min; writes under outputs/ unless told otherwise
 
 Training runs the real island trainer (`ddm train`) and router trainer (`ddm train-router`), --jobs at a time.
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny settings for the tests (< 5 min)")
     p.add_argument("--work-dir", default=None, help="manifests, experts and routers (default outputs/reproduce_ddm[_quick])")
     p.add_argument("--json", default=None, help="results JSON (default docs/benchmarks/ddm_reproduce.json; quick: in --work-dir)")
-    p.add_argument("--fragment", default=None, help="markdown fragment to update (default docs/fragments/ddm.md; quick: in --work-dir)")
+    p.add_argument("--fragment", default=None, help="markdown fragment to update (default docs/RESULTS.md; quick: in --work-dir)")
     p.add_argument("--jobs", type=int, default=2, help="parallel worker processes (one thread each)")
     args = p.parse_args(argv)
     from ddm import UsageError
@@ -203,7 +203,7 @@ def run(args) -> int:
     s = dict(QUICK if args.quick else FULL)
     work = Path(args.work_dir or ROOT / "outputs" / ("reproduce_ddm_quick" if args.quick else "reproduce_ddm"))
     json_path = Path(args.json or (work / "ddm_reproduce.json" if args.quick else ROOT / "docs/benchmarks/ddm_reproduce.json"))
-    fragment = Path(args.fragment or (work / "ddm.md" if args.quick else ROOT / "docs/fragments/ddm.md"))
+    fragment = Path(args.fragment or (work / "ddm.md" if args.quick else ROOT / "docs/RESULTS.md"))
     if work.exists() and any(work.iterdir()):
         raise UsageError(f"--work-dir {work} is not empty; give a fresh one (runs are not resumed)")
     work.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """Rendered video quality: an 8-second DualParal video of the shipped quick video model (trained by our own
-`ddm train --modality video`, see docs/fragments/video.md) shows the prompted digit and no block seams."""
+`ddm train --modality video`, see docs/video.md) shows the prompted digit and no block seams."""
 import json
 from pathlib import Path
 
