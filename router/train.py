@@ -8,6 +8,7 @@ sigma bucket: high at low noise, near the prior at sigma -> 1).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -128,7 +129,11 @@ def accuracy_by_sigma(router: RouterModel, images, labels, islands, flow: FlowCo
         x_t = add_noise(images, torch.randn(images.shape, generator=gen), sigma)
         pred = router(x_t, to_timestep(sigma), class_labels).argmax(1)
         rows.append({"sigma": [lo, hi], "accuracy": (pred == islands).float().mean().item()})
-    return {"buckets": rows, "prior_accuracy": prior.max().item(), "num_samples": len(images), "training_flow": flow.to_dict()}
+    metrics = {"buckets": rows, "prior_accuracy": prior.max().item(), "num_samples": len(images), "training_flow": flow.to_dict()}
+    if class_labels is not None:  # what the class alone tells: sum_c p(c) max_k p(k | c)
+        joint = torch.zeros(num_classes, len(prior)).index_put_((labels, islands), torch.ones(len(labels)), accumulate=True)
+        metrics["prior_accuracy_given_class"] = (joint.max(1).values.sum() / len(labels)).item()
+    return metrics
 
 
 def router_flop_ratio(router: RouterModel, expert_config: dict) -> dict:
@@ -156,6 +161,8 @@ def print_metrics(metrics: dict) -> None:
         lo, hi = row["sigma"]
         print(f"[{lo:.1f}, {hi:.1f})     {row['accuracy']:.3f}")
     print(f"prior (majority island): {metrics['prior_accuracy']:.3f}")
+    if "prior_accuracy_given_class" in metrics:
+        print(f"prior given the class (majority island per class): {metrics['prior_accuracy_given_class']:.3f}")
     if "router_over_expert" in metrics:
         print(f"router FLOPs / expert FLOPs per forward: {metrics['router_over_expert']:.3f}")
 
@@ -171,7 +178,11 @@ def add_arguments(p) -> None:
     p.add_argument("--width", type=int, default=32, help="router hidden size")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--class-cond", action="store_true", help="also condition the router on the class label")
+    p.add_argument(
+        "--class-cond", action=argparse.BooleanOptionalAction, default=None,
+        help="condition the router on the class label (default: on for class-conditional experts; sampling class c "
+        "needs p(k | x_t, c), else a class is sent to an island that never saw it)",
+    )
     p.add_argument("--balance", action="store_true", help="draw islands equally often (logits get the prior correction)")
 
 
@@ -192,7 +203,7 @@ def run(args) -> int:
     router = train_router(
         images, labels, manifest, flow, meta["num_classes"], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, width=args.width, layers=args.layers, heads=args.heads, patch_size=expert_config["patch_size"],
-        class_cond=args.class_cond, balance=args.balance, log_every=max(1, args.steps // 10),
+        class_cond=meta["num_classes"] > 1 if args.class_cond is None else args.class_cond, balance=args.balance, log_every=max(1, args.steps // 10),
     )
     metrics = accuracy_by_sigma(router, images, labels, manifest.assignments, flow, meta["num_classes"])
     metrics.update(router_flop_ratio(router, expert_config), train_seconds=time.perf_counter() - start, steps=args.steps)

@@ -133,6 +133,18 @@ def test_train_router_cli_writes_a_pretrained_dir(cli_setup, capsys):
     router = RouterModel.from_pretrained(out)
     assert router.config.num_experts == 2 and router.config.flow == json.loads((root / "e0" / "expert.json").read_text())["flow"]
     assert "router FLOPs / expert FLOPs" in capsys.readouterr().out
+    # Class-conditional experts get a class-conditional router by default: sampling class c needs p(k | x_t, c).
+    assert router.config.num_classes == 10
+    assert metrics["prior_accuracy"] <= metrics["prior_accuracy_given_class"] <= 1
+
+
+def test_train_router_cli_no_class_cond(cli_setup):
+    root, experts = cli_setup
+    out = root / "router-unconditional"
+    rc = ddm_main(["train-router", "--manifest", str(root / "manifest"), "--experts", *experts, "--out", str(out),
+                   "--steps", "2", "--batch-size", "8", "--width", "16", "--layers", "1", "--no-class-cond"])
+    assert rc == 0 and not RouterModel.from_pretrained(out).config.num_classes
+    assert "prior_accuracy_given_class" not in json.loads((out / "router_metrics.json").read_text())
 
 
 def test_train_router_cli_refuses_mismatched_experts(cli_setup, capsys):
