@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ddm import UsageError
 from ddm.checkpoint import STATE_DIR
 from ddm.data_stream import STREAM_NOISE, StreamSampler, derive_seed
+from ddm.flow import FlowConfig, add_noise, to_timestep, velocity_target
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ddm.modality import MODALITIES, get_modality
@@ -136,7 +137,6 @@ def run(args: argparse.Namespace) -> int:
     from accelerate.state import AcceleratorState
 
     from ddm.checkpoint import config_difference, load_state, read_state_meta
-    from ddm.flow import FlowConfig
     from ddm.manifest import Manifest
     from ddm.modality import get_modality
 
@@ -275,8 +275,6 @@ class IslandTrainer:
         sigma = self.flow.sample_sigmas(len(x0), generator=g, device=device)
         drop = torch.rand(len(x0), generator=g, device=device) < self.args.label_dropout
         cond = self.modality.drop_condition(cond, drop)
-        from ddm.flow import add_noise, to_timestep, velocity_target
-
         pred = self.net(add_noise(x0, noise, sigma), to_timestep(sigma), cond)
         return F.mse_loss(pred.float(), velocity_target(x0, noise).float())
 
