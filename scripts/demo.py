@@ -46,7 +46,7 @@ SETTINGS = {
     "expert_batch": 16 if FAST else 32,
     "lr": 1e-3,  # few steps: a higher rate than the trainer's default, with a short warmup
     "warmup_steps": 2 if FAST else 25,
-    "router_steps": 30 if FAST else 600,
+    "router_steps": 30 if FAST else 2000,
     "sample_steps": 8 if FAST else 25,
     "fid_samples": 50 if FAST else 400,
     "video_data": "moving-digits:size=12,frames=8,max_digits=1,variants=1,clips=8192",

@@ -64,9 +64,13 @@ def islands_section(ctx: dict) -> str:
 def router_section(ctx: dict) -> str:
     metrics = json.loads((ctx["router"] / "router_metrics.json").read_text())
     rows = [[f"[{b['sigma'][0]:.1f}, {b['sigma'][1]:.1f})", f"{b['accuracy']:.3f}"] for b in metrics["buckets"]]
+    rows.append(["prior: the largest island", f"{metrics['prior_accuracy']:.3f}"])
+    if "prior_accuracy_given_class" in metrics:
+        rows.append(["prior given the class", f"{metrics['prior_accuracy_given_class']:.3f}"])
     return (
         "<h2>2. Router</h2><p>The router learns which island a noisy sample came from, on the experts' own noise "
-        "path. It is sure at low noise and falls towards the cluster prior as &sigma; &rarr; 1.</p>"
+        "path, given the class the sampler asks for. It is surest at low noise and falls towards what the class alone "
+        "tells as &sigma; &rarr; 1.</p>"
         + table(["noise level σ", "top-1 accuracy"], rows)
     )
 
