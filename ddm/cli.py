@@ -37,5 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def exit_with(script_main) -> None:
+    """Run a script's `main()` the way `ddm` runs a command: a UsageError is one line on stderr and exit code 2."""
+    try:
+        code = script_main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,8 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ddm import UsageError  # noqa: E402
-from ddm.cli import main as ddm  # noqa: E402
+from ddm.cli import exit_with, main as ddm  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from demo_page import stage_page  # noqa: E402
@@ -178,8 +177,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    exit_with(main)
