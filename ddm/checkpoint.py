@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddm import UsageError
-from ddm.io import atomic_replace_dir, atomic_save_tensors, atomic_write_json, staging_dir
+from ddm.io import atomic_replace_dir, atomic_save_tensors, atomic_write_json, replaced_dir, staging_dir
 
 STATE_FORMAT = "ddm-train-state/1"
 STATE_DIR = "state"
@@ -114,10 +114,8 @@ def save_state(
 
 
 def find_state(out: Path) -> Path | None:
-    for name in (STATE_DIR, STATE_DIR + ".old"):
-        if (Path(out) / name / "state.json").is_file():
-            return Path(out) / name
-    return None
+    state = replaced_dir(Path(out) / STATE_DIR)
+    return state if (state / "state.json").is_file() else None
 
 
 def read_state_meta(path: Path) -> dict:

@@ -81,6 +81,14 @@ def atomic_replace_dir(staging: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def replaced_dir(final: Path) -> Path:
+    """The directory to read for `final`: itself, or the whole `final.old` that a kill between
+    `atomic_replace_dir`'s two renames left in its place. Readers call this instead of renaming anything back."""
+    final = Path(final)
+    old = final.with_name(final.name + ".old")
+    return old if not final.exists() and old.is_dir() else final
+
+
 def staging_dir(final: Path) -> Path:
     """A fresh empty directory beside `final`, on the same filesystem, for `atomic_replace_dir`."""
     final = Path(final)

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ddm import UsageError
-from ddm.io import atomic_save_tensors, atomic_write_json
+from ddm.io import atomic_save_tensors, atomic_write_json, replaced_dir
 
 FORMAT = "ddm-manifest/1"
 
@@ -69,7 +69,7 @@ class Manifest:
 
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":
-        path = Path(path)
+        path = replaced_dir(path)
         meta_path, tensors_path = path / "manifest.json", path / "partition.safetensors"
         if not meta_path.is_file():
             raise UsageError(f"manifest not found: {meta_path}")

@@ -18,7 +18,7 @@ from torch import nn
 
 from ddm import UsageError
 from ddm.experts import load_expert
-from ddm.io import atomic_replace_dir, atomic_write_json, staging_dir
+from ddm.io import atomic_replace_dir, atomic_write_json, replaced_dir, staging_dir
 from router.model import RouterModel
 from router.strategies import DEFAULT_STRATEGY, parse_strategy
 
@@ -28,7 +28,7 @@ SHAPE_KEYS = ("sample_size", "in_channels", "out_channels", "patch_size", "num_e
 
 
 def load_router(path: str | Path, device=None, dtype=None) -> RouterModel:
-    path = Path(path)
+    path = replaced_dir(path)
     if not (path / "config.json").is_file():
         raise UsageError(f"not a router directory (no config.json): {path}")
     try:
@@ -164,7 +164,7 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_pretrained(cls, path, strategy: str | None = None, device=None, torch_dtype=None, **kwargs) -> "DDMEnsemble":
-        path = Path(path)
+        path = replaced_dir(path)
         try:
             spec = json.loads((path / cls.config_name).read_text())
         except (OSError, json.JSONDecodeError) as e:
