@@ -30,21 +30,16 @@ def main(argv: list[str] | None = None) -> int:
             mod.add_arguments(p)
             p.set_defaults(_run=mod.run)
     args = parser.parse_args(argv)
+    return run_reporting_usage_errors(args._run, args)
+
+
+def run_reporting_usage_errors(run, *args) -> int:
+    """`run(*args)`'s exit code; a UsageError becomes one line on stderr and exit code 2 (for `ddm` and scripts)."""
     try:
-        return args._run(args) or 0
+        return run(*args) or 0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-def exit_with(script_main) -> None:
-    """Run a script's `main()` the way `ddm` runs a command: a UsageError is one line on stderr and exit code 2."""
-    try:
-        code = script_main()
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    sys.exit(code)
 
 
 if __name__ == "__main__":

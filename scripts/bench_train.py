@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ddm import UsageError  # noqa: E402
-from ddm.cli import exit_with, main as ddm_main  # noqa: E402
+from ddm.cli import main as ddm_main, run_reporting_usage_errors  # noqa: E402
 from ddm.data import DigitsDataset  # noqa: E402
 from ddm.experts import build_dit  # noqa: E402
 from ddm.flow import FlowConfig, add_noise, to_timestep, velocity_target  # noqa: E402
@@ -122,4 +122,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    sys.exit(run_reporting_usage_errors(main))

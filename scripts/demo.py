@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ddm.cli import exit_with, main as ddm  # noqa: E402
+from ddm.cli import main as ddm, run_reporting_usage_errors  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from demo_page import stage_page  # noqa: E402
@@ -177,4 +177,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    exit_with(main)
+    sys.exit(run_reporting_usage_errors(main))

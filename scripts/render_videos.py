@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ddm import UsageError
+from ddm.cli import run_reporting_usage_errors
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,12 +130,7 @@ def render_batch(args, info, plan, settings, videos) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_usage_errors(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

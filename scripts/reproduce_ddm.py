@@ -185,14 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="results JSON (default docs/benchmarks/ddm_reproduce.json; quick: in --work-dir)")
     p.add_argument("--fragment", default=None, help="markdown fragment to update (default docs/RESULTS.md; quick: in --work-dir)")
     p.add_argument("--jobs", type=int, default=2, help="parallel worker processes (one thread each)")
-    args = p.parse_args(argv)
-    from ddm import UsageError
+    from ddm.cli import run_reporting_usage_errors
 
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_usage_errors(run, p.parse_args(argv))
 
 
 def run(args) -> int:
