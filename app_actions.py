@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ddm import UsageError
-from ddm.experts import load_expert, read_expert_meta
+from ddm.models.experts import load_expert, read_expert_meta
 
 APP_DIR = Path(__file__).resolve().parent
 # A user's mistake: shown in the UI, not logged as a server traceback.
@@ -221,7 +221,7 @@ class Actions:
     @friendly
     def islands(self, manifest_dir: str, experts_dir: str, per_cluster: int = 8):
         """Cluster sizes, sample images per cluster, and training curves of every expert under `experts_dir`."""
-        from ddm.manifest import Manifest
+        from ddm.partition.manifest import Manifest
 
         manifest_path = self.roots.dir(manifest_dir, "Manifest directory")
         experts_path = self.roots.dir(experts_dir, "Experts directory")

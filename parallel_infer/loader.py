@@ -8,7 +8,7 @@
       prompts.json               (a JSON list of prompt strings); "" there is the unconditional prompt
       scheduler/                 optional; its shift (or flow_shift) is the default flow shift
 (b) One of our video expert directories: expert.json (model_class WanTransformer3DModel, EMA weights at the
-    top, read by ddm.experts.load_expert) and prompt_encoder/ (ddm.prompt_encoder.PromptEncoder).
+    top, read by ddm.models.experts.load_expert) and prompt_encoder/ (ddm.models.prompt_encoder.PromptEncoder).
 
 `inspect_model` reads only JSON, so every setting can be checked before any weight loads or process starts.
 """
@@ -137,8 +137,8 @@ def load_model(info: ModelInfo, device=None, dtype=torch.float32, load_vae: bool
 
     path = info.path
     if info.kind == "expert":
-        from ddm.experts import load_expert
-        from ddm.prompt_encoder import PromptEncoder  # written by the training side; imported only here
+        from ddm.models.experts import load_expert
+        from ddm.models.prompt_encoder import PromptEncoder  # written by the training side; imported only here
 
         transformer, _ = load_expert(path, device=device, dtype=dtype)
         encoder = PromptEncoder.from_pretrained(path / "prompt_encoder").to(device).eval()

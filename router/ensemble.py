@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ddm import UsageError
-from ddm.experts import load_expert
+from ddm.models.experts import load_expert
 from ddm.io import atomic_replace_dir, atomic_write_json, replaced_dir, staging_dir
 from router.model import RouterModel
 from router.strategies import DEFAULT_STRATEGY, parse_strategy

@@ -75,7 +75,7 @@ class RouterModel(ModelMixin, ConfigMixin):
         return self.head(self.norm(x[:, 0])) + self.prior_correction
 
 
-def forward_flops(model: nn.Module, *args, **kwargs) -> int:
+def measured_flops(model: nn.Module, *args, **kwargs) -> int:
     """FLOPs (2 per multiply-add) of one forward call, counted by torch's FlopCounterMode."""
     counter = FlopCounterMode(display=False)
     was_training = model.training

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from ddm import UsageError
-from ddm.experts import read_expert_meta
+from ddm.models.experts import read_expert_meta
 from ddm.flow import FlowConfig, add_noise, to_timestep
 from ddm.io import atomic_replace_dir, atomic_write_json, staging_dir
-from ddm.manifest import Manifest
+from ddm.partition.manifest import Manifest
 from router.ensemble import check_experts
-from router.model import RouterModel, forward_flops
+from router.model import RouterModel, measured_flops
 
 SIGMA_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -143,8 +143,8 @@ def router_flop_ratio(router: RouterModel, expert_config: dict) -> dict:
     expert = DiTTransformer2DModel.from_config(expert_config)
     c, s = expert_config["in_channels"], expert_config["sample_size"]
     x, t, y = torch.zeros(1, c, s, s), torch.full((1,), 500.0), torch.zeros(1, dtype=torch.long)
-    r = forward_flops(router, x, t, y if router.config.num_classes else None)
-    e = forward_flops(expert, x, t, y)
+    r = measured_flops(router, x, t, y if router.config.num_classes else None)
+    e = measured_flops(expert, x, t, y)
     return {"router_flops": r, "expert_flops": e, "router_over_expert": r / e}
 
 

@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(root: Path, preset: str, k: int):
-    from ddm.experts import build_dit, load_expert, write_expert
+    from ddm.models.experts import build_dit, load_expert, write_expert
     from ddm.flow import FlowConfig
     from router.ensemble import DDMEnsemble
-    from router.model import RouterModel, forward_flops
+    from router.model import RouterModel, measured_flops
 
     flow = FlowConfig().to_dict()
     for i in range(k):
@@ -41,7 +41,7 @@ def build(root: Path, preset: str, k: int):
     router.save_pretrained(root / "router")
     x, t, y = torch.zeros(1, 1, 8, 8), torch.full((1,), 500.0), torch.zeros(1, dtype=torch.long)
     expert = load_expert(root / "e0")[0]
-    ratio = forward_flops(router, x, t) / forward_flops(expert, x, t, y)
+    ratio = measured_flops(router, x, t) / measured_flops(expert, x, t, y)
     experts = [root / f"e{i}" for i in range(k)]
     models = {"one expert": expert}
     for strategy in ("top1", "topk:2", "full"):
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fragment", default=str(ROOT / "docs/BENCHMARKS.md"), help="markdown file whose bench-sample section is replaced")
     args = p.parse_args(argv)
     from ddm.io import atomic_write_json
-    from reproduce_ddm import update_fragment
+    from evaluation.report import update_fragment
     from router.pipeline import make_pipeline
 
     torch.set_num_threads(args.threads)

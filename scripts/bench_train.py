@@ -27,9 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ddm import UsageError  # noqa: E402
-from ddm.cli import main as ddm_main, run_reporting_usage_errors  # noqa: E402
-from ddm.data import DigitsDataset  # noqa: E402
-from ddm.experts import build_dit  # noqa: E402
+from ddm import run_reporting_usage_errors
+from frontends.cli import main as ddm_main  # noqa: E402
+from ddm.data.images import DigitsDataset  # noqa: E402
+from ddm.models.experts import build_dit  # noqa: E402
 from ddm.flow import FlowConfig, add_noise, to_timestep, velocity_target  # noqa: E402
 from ddm.io import atomic_write_json  # noqa: E402
 

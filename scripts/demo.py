@@ -30,10 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ddm.cli import main as ddm, run_reporting_usage_errors  # noqa: E402
+from ddm import run_reporting_usage_errors
+from frontends.cli import main as ddm  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from demo_page import stage_page  # noqa: E402
+from frontends.demo_page import stage_page  # noqa: E402
 
 FAST = os.environ.get("DEMO_FAST") == "1"
 SETTINGS = {

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ddm import UsageError
-from ddm.cli import run_reporting_usage_errors
+from ddm import run_reporting_usage_errors
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -40,7 +40,7 @@ QUICK = dict(ks=[2, 4], seeds=[0, 1], preset="tiny", steps=8, batch_size=8, lr=1
 
 def cli(argv: list[str], log: Path) -> None:
     """Run one `ddm` command in this process, its chatter (progress bars) into a log file."""
-    from ddm.cli import main
+    from frontends.cli import main
 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
@@ -77,9 +77,9 @@ def eval_job(name: str, router: str | None, experts: list[str], strategies: list
     """FID/accuracy of one model under each strategy, plus the mean number of experts run per sample and step."""
     import torch
 
-    from ddm.digit_classifier import load_digit_classifier
-    from ddm.evaluate import digit_features, digits_reference, evaluate_samples
-    from ddm.experts import load_expert
+    from evaluation.digit_classifier import load_digit_classifier
+    from evaluation.images import digit_features, digits_reference, evaluate_samples
+    from ddm.models.experts import load_expert
     from router.ensemble import DDMEnsemble
     from router.pipeline import make_pipeline
 
@@ -106,13 +106,13 @@ def flop_budget(s: dict, ks: list[int]) -> dict:
     """Training FLOPs (3 x forward per sample) of each configuration, and the monolith's matching step count."""
     import torch
 
-    from ddm.experts import build_dit
-    from router.model import RouterModel, forward_flops
+    from ddm.models.experts import build_dit
+    from router.model import RouterModel, measured_flops
 
     expert = build_dit(s["preset"], 8, 1, 10)
     router = RouterModel(num_experts=max(ks), sample_size=8, in_channels=1, hidden_dim=s["router_width"], num_layers=s["router_layers"])
     x, t, y = torch.zeros(1, 1, 8, 8), torch.full((1,), 500.0), torch.zeros(1, dtype=torch.long)
-    fe, fr = forward_flops(expert, x, t, y), forward_flops(router, x, t)
+    fe, fr = measured_flops(expert, x, t, y), measured_flops(router, x, t)
     experts_train = 3 * fe * s["steps"] * s["batch_size"]
     router_train = 3 * fr * s["router_steps"] * s["router_batch"]
     extra = math.ceil(router_train / (3 * fe * s["batch_size"]))
@@ -164,20 +164,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_fragment(path: Path, section: str, text: str) -> None:
-    """Replace (or append) the text between `<!-- section:start -->` and `<!-- section:end -->` in a markdown file."""
-    from ddm.io import atomic_write_bytes
-
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    old = path.read_text() if path.is_file() else ""
-    block = f"{start}\n{text}{end}"
-    if start in old and end in old:
-        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old + ("\n" if old and not old.endswith("\n\n") else "") + block + "\n"
-    atomic_write_bytes(path, new.encode())
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny settings for the tests (< 5 min)")
@@ -185,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="results JSON (default docs/benchmarks/ddm_reproduce.json; quick: in --work-dir)")
     p.add_argument("--fragment", default=None, help="markdown fragment to update (default docs/RESULTS.md; quick: in --work-dir)")
     p.add_argument("--jobs", type=int, default=2, help="parallel worker processes (one thread each)")
-    from ddm.cli import run_reporting_usage_errors
+    from ddm import run_reporting_usage_errors
 
     return run_reporting_usage_errors(run, p.parse_args(argv))
 
@@ -245,6 +231,7 @@ def run(args) -> int:
         "reference_set": "digits held-out 20% (seeded split, 359 images)",
     }
     from ddm.io import atomic_write_json
+    from evaluation.report import update_fragment
 
     atomic_write_json(json_path, result)
     text = markdown(result)

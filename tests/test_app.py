@@ -22,11 +22,11 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from ddm.data import DigitsDataset
-from ddm.experts import build_dit, load_expert, write_expert
+from ddm.data.images import DigitsDataset
+from ddm.models.experts import build_dit, load_expert, write_expert
 from ddm.flow import FlowConfig
-from ddm.manifest import Manifest
-from ddm.video_data import MovingDigitsDataset
+from ddm.partition.manifest import Manifest
+from ddm.data.moving_digits import MovingDigitsDataset
 from parallel_infer.tiny import write_tiny_model
 from router.ensemble import DDMEnsemble
 from router.model import RouterModel

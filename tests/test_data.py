@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from ddm import UsageError
-from ddm.data import DigitsDataset, ImageFolderDataset, load_dataset
+from ddm.data import load_dataset
+from ddm.data.images import DigitsDataset, ImageFolderDataset
 
 
 def write_image(path, color, size=(12, 8)):

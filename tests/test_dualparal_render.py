@@ -103,9 +103,9 @@ def test_bad_requests_fail_before_any_work(pixel_model, tmp_path):
 
 
 def test_expert_directory_with_prompt_encoder(tmp_path):
-    from ddm.experts import write_expert
+    from ddm.models.experts import write_expert
     from ddm.flow import FlowConfig
-    from ddm.prompt_encoder import PromptEncoder
+    from ddm.models.prompt_encoder import PromptEncoder
     from parallel_infer.tiny import tiny_transformer
 
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from ddm import UsageError
-from ddm.experts import load_expert
+from ddm.models.experts import load_expert
 from ddm.flow import FlowConfig
 from router.ensemble import DDMEnsemble, load_router
 from test_router_fixtures import make_ensemble_dirs, make_expert, make_router

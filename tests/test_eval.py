@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from ddm.cli import main as ddm_main
-from ddm.data import DigitsDataset
-from ddm.digit_classifier import WEIGHTS, digits_split, load_digit_classifier
-from ddm.evaluate import digit_features, digits_reference, evaluate_samples
+from frontends.cli import main as ddm_main
+from ddm.data.images import DigitsDataset
+from evaluation.digit_classifier import WEIGHTS, digits_split, load_digit_classifier
+from evaluation.images import digit_features, digits_reference, evaluate_samples
 from ddm.io import atomic_save_tensors
 
 
@@ -128,7 +128,7 @@ def test_ddm_eval_real_data_uses_a_local_feature_model(tmp_path, capsys):
 
 def test_ddm_eval_samples_one_expert_like_a_one_expert_ensemble(tmp_path):
     """The monolith is evaluated through the same command; with a pass-through K=1 router the images match."""
-    from ddm.evaluate import generate
+    from evaluation.images import generate
     from router.ensemble import DDMEnsemble
     from test_router_fixtures import make_ensemble_dirs
 

@@ -4,7 +4,7 @@ import os
 import torch
 
 from ddm.io import atomic_replace_dir, replaced_dir, staging_dir
-from ddm.manifest import Manifest
+from ddm.partition.manifest import Manifest
 
 
 def make_manifest(seed: int) -> Manifest:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddm.cli import main
-from ddm.data import DigitsDataset
-from ddm.manifest import Manifest
+from frontends.cli import main
+from ddm.data.images import DigitsDataset
+from ddm.partition.manifest import Manifest
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_kmeans_is_deterministic_and_writes_a_complete_manifest(tmp_path, digits
     assert [int(r[1]) for r in rows] == a.sizes
     assert all(sum(map(int, r[2:])) == int(r[1]) for r in rows)
     # Centroids are the mean feature of each island.
-    from ddm.features import pixels_pca
+    from ddm.partition.features import pixels_pca
 
     features = torch.from_numpy(pixels_pca(digits))
     for k in range(4):

@@ -8,8 +8,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ddm import UsageError
-from ddm.cli import main as ddm_main
-from ddm.experts import load_expert
+from frontends.cli import main as ddm_main
+from ddm.models.experts import load_expert
 from router.ensemble import DDMEnsemble
 from router.pipeline import DDMPipeline, make_pipeline
 from test_router_fixtures import make_ensemble_dirs, make_expert, make_router

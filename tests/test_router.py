@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddm import UsageError
-from ddm.cli import main as ddm_main
+from frontends.cli import main as ddm_main
 from ddm.flow import FlowConfig
 from router.model import RouterModel
 from router.strategies import Strategy, parse_strategy
@@ -56,7 +56,7 @@ def test_sample_strategy_follows_weights_and_seed():
 @pytest.fixture(scope="module")
 def trained():
     """A router trained on 3 islands of whole digit classes, {0-4}, {5-7}, {8, 9}: unequal sizes on purpose."""
-    from ddm.data import DigitsDataset
+    from ddm.data.images import DigitsDataset
 
     ds = DigitsDataset()
     islands = torch.where(ds.labels < 5, 0, torch.where(ds.labels < 8, 1, 2))
@@ -82,7 +82,7 @@ def test_router_accuracy_high_at_low_noise_and_prior_at_high_noise(trained):
 
 
 def test_router_is_a_small_fraction_of_an_expert(trained):
-    from ddm.experts import build_dit
+    from ddm.models.experts import build_dit
 
     _, _, router, _ = trained
     ratio = router_flop_ratio(router, dict(build_dit("small", 8, 1, 10).config))

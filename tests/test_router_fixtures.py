@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 
-from ddm.experts import build_dit, write_expert
+from ddm.models.experts import build_dit, write_expert
 from ddm.flow import FlowConfig
-from ddm.manifest import Manifest
+from ddm.partition.manifest import Manifest
 from router.model import RouterModel
 
 FLOW = FlowConfig(shift=1.0, sigma_sampling="logit_normal").to_dict()
 
 
 def digits_manifest(k: int, assignments: torch.Tensor | None = None) -> Manifest:
-    from ddm.data import DigitsDataset
+    from ddm.data.images import DigitsDataset
 
     ds = DigitsDataset()
     if assignments is None:

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddm.cli import main
-from ddm.data_stream import StreamSampler
-from ddm.experts import load_expert
+from frontends.cli import main
+from ddm.data.stream import StreamSampler
+from ddm.models.experts import load_expert
 
 TINY = ["--preset", "tiny", "--batch-size", "16", "--log-every", "3", "--checkpoint-every", "3"]
 
@@ -96,8 +96,8 @@ def test_label_dropout_belongs_to_the_trainer(digits_manifest):
     """The diffusers label embedding would drop labels from the global RNG in train mode; ours must not."""
     import argparse
 
-    from ddm.manifest import Manifest
-    from ddm.modality import get_modality
+    from ddm.partition.manifest import Manifest
+    from ddm.training.modality import get_modality
 
     modality = get_modality("image")(Manifest.load(digits_manifest), argparse.Namespace(patch_size=2))
     net = modality.build("tiny").train()

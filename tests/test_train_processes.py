@@ -57,7 +57,7 @@ def hook(event, args):
 import shutil
 shutil._use_fd_functions = False  # rmtree by full paths, not dir_fd-relative names the hook cannot place
 sys.addaudithook(hook)
-from ddm.train import main
+from ddm.training.train import main
 sys.exit(main(sys.argv[1:]))
 '''
 
@@ -85,7 +85,7 @@ def finish(proc: subprocess.Popen, timeout=240) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    from ddm.cli import main
+    from frontends.cli import main
 
     root = tmp_path_factory.mktemp("islands")
     for name in ("home", "tmp", "tmp-two-process", "other-island"):
@@ -198,7 +198,7 @@ def two_process_run(root):
     out = root / "two-process"
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "ddm.train", "--manifest", str(root / "manifest"), "--island", "all", "--out", str(out),
+           "-m", "ddm.training.train", "--manifest", str(root / "manifest"), "--island", "all", "--out", str(out),
            "--preset", "tiny", "--steps", "4", "--batch-size", "8", "--log-every", "2", "--checkpoint-every", "2"]
     proc = subprocess.Popen(cmd, cwd=root.parent, env=env_for(root, "tmp-two-process"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -213,10 +213,10 @@ def test_two_processes_train_one_expert_with_identical_replicas(two_process_run)
     assert meta["train_config"]["world_size"] == 2 and meta["complete"] and meta["num_samples"] == 32
     digests = meta["replica_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    from ddm.train import weights_digest
+    from ddm.training.train import weights_digest
 
     assert weights_digest(load_file(out / "state" / "model.safetensors")) == digests[0]  # the saved weights are those
-    from ddm.experts import load_expert
+    from ddm.models.experts import load_expert
 
     model, _ = load_expert(out)
     assert type(model).__name__ == "DiTTransformer2DModel"

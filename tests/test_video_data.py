@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from ddm import UsageError
-from ddm.video_data import DIGIT_SIZE, MOTIONS, MovingDigitsConfig, MovingDigitsDataset, bounce
+from ddm.data.moving_digits import DIGIT_SIZE, MOTIONS, MovingDigitsConfig, MovingDigitsDataset, bounce
 
 
 @pytest.fixture(scope="module")
 def digits():
-    from ddm.video_data import embedded_digits
+    from ddm.data.moving_digits import embedded_digits
 
     return embedded_digits()
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddm.cli import main
-from ddm.video_data import MovingDigitsConfig, MovingDigitsDataset
-from ddm.video_metrics import evaluate_frames, load_detector, seam_score
+from frontends.cli import main
+from ddm.data.moving_digits import MovingDigitsConfig, MovingDigitsDataset
+from evaluation.video_metrics import evaluate_frames, load_detector, seam_score
 
 
 @pytest.fixture(scope="module")

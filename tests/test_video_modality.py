@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ddm.cli import main
+from frontends.cli import main
 
 SPEC = "moving-digits:size=12,frames=4,clips=48"
 
@@ -20,8 +20,8 @@ def trained(tmp_path_factory):
 
 
 def test_partition_of_clips_follows_their_features(trained):
-    from ddm.manifest import Manifest
-    from ddm.video_data import load_video_dataset
+    from ddm.partition.manifest import Manifest
+    from ddm.data.moving_digits import load_video_dataset
 
     manifest = Manifest.load(trained / "manifest")
     data = load_video_dataset(SPEC)
@@ -35,8 +35,8 @@ def test_partition_of_clips_follows_their_features(trained):
 def test_expert_directory_holds_wan_and_prompt_encoder(trained):
     from diffusers import WanTransformer3DModel
 
-    from ddm.experts import load_expert
-    from ddm.prompt_encoder import PromptEncoder
+    from ddm.models.experts import load_expert
+    from ddm.models.prompt_encoder import PromptEncoder
 
     expert = trained / "expert"
     model, meta = load_expert(expert)
@@ -55,8 +55,8 @@ def test_expert_directory_holds_wan_and_prompt_encoder(trained):
 def test_prompt_dropout_gives_the_null_embedding(trained):
     from argparse import Namespace
 
-    from ddm.manifest import Manifest
-    from ddm.video_modality import VideoModality
+    from ddm.partition.manifest import Manifest
+    from ddm.training.video_modality import VideoModality
 
     modality = VideoModality(Manifest.load(trained / "manifest"), Namespace(preset="tiny"))
     torch.manual_seed(0)

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from ddm import UsageError
-from ddm.prompt_encoder import PromptEncoder
-from ddm.video_data import VOCABULARY
+from ddm.models.prompt_encoder import PromptEncoder
+from ddm.data.moving_digits import VOCABULARY
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import ddm
-from ddm.cli import main
+from frontends.cli import main
 
 QUICK_MODEL = Path(ddm.__file__).parent / "assets" / "video" / "quick"
 

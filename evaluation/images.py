@@ -75,7 +75,7 @@ def load_samples(path: str | Path, channels: int, image_size: int | None) -> tup
         return tensors["images"].float(), tensors.get("labels")
     if not path.is_dir():
         raise UsageError(f"samples not found: {path}")
-    from ddm.data import ImageFolderDataset
+    from ddm.data.images import ImageFolderDataset
 
     ds = ImageFolderDataset(path, image_size or 8)
     images = (torch.stack([ds[i][0] for i in range(len(ds))]) + 1) / 2
@@ -92,8 +92,8 @@ def load_samples(path: str | Path, channels: int, image_size: int | None) -> tup
 
 def digits_reference() -> torch.Tensor:
     """The fixed FID reference: the held-out 20% of the digits, in [0, 1]."""
-    from ddm.data import DigitsDataset
-    from ddm.digit_classifier import digits_split
+    from ddm.data.images import DigitsDataset
+    from evaluation.digit_classifier import digits_split
 
     ds = DigitsDataset()
     return (ds.images[digits_split(len(ds))[1]] + 1) / 2
@@ -132,7 +132,7 @@ def generate(model_dir, n: int, strategy: str | None, steps: int, cfg: float, se
     from router.pipeline import make_pipeline
 
     if (Path(model_dir) / "expert.json").is_file():
-        from ddm.experts import load_expert
+        from ddm.models.experts import load_expert
 
         if strategy:
             raise UsageError(f"--strategy {strategy} needs an ensemble; {model_dir} is a single expert")
@@ -173,14 +173,14 @@ def run(args) -> int:
     if args.ensemble and args.n < 2:
         raise UsageError(f"--n must be >= 2 for FID, got {args.n}")
     if real_data:
-        from ddm.data import ImageFolderDataset
+        from ddm.data.images import ImageFolderDataset
 
         features, classifier, num_classes = pretrained_features(args.feature_model), None, 0
         ref = ImageFolderDataset(args.reference, args.image_size or 224)
         reference = (torch.stack([ref[i][0] for i in range(len(ref))]) + 1) / 2
         channels = 3
     else:
-        from ddm.digit_classifier import load_digit_classifier
+        from evaluation.digit_classifier import load_digit_classifier
 
         classifier = load_digit_classifier()
         features, num_classes, reference, channels = digit_features(classifier), 10, digits_reference(), 1

@@ -1,6 +1,6 @@
 """The training state of an island: everything a resumed run needs to continue bit-for-bit.
 
-Layout (inside the expert directory, beside the sampling view written by `ddm.experts.write_expert`):
+Layout (inside the expert directory, beside the sampling view written by `ddm.models.experts.write_expert`):
   state/state.json               step, samples seen (the data position), wall time, the run's config,
                                  optimizer hyper-parameters, grad-scaler and Python/NumPy RNG scalars
   state/model.safetensors        raw weights of the whole trainable network

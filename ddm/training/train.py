@@ -1,4 +1,4 @@
-"""Train one island's expert: `ddm train ...` or `accelerate launch [--multi_gpu --num_processes N] -m ddm.train ...`.
+"""Train one island's expert: `ddm train ...` or `accelerate launch [--multi_gpu --num_processes N] -m ddm.training.train ...`.
 
 An island reads only its data set and the partition manifest, and writes only its `--out` directory:
 the expert (EMA weights at the top, raw weights in raw/, expert.json), the training state in state/
@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from ddm import UsageError
-from ddm.checkpoint import STATE_DIR
-from ddm.data_stream import STREAM_NOISE, StreamSampler, derive_seed
+from ddm.training.checkpoint import STATE_DIR
+from ddm.data.stream import STREAM_NOISE, StreamSampler, derive_seed
 from ddm.flow import FlowConfig, add_noise, to_timestep, velocity_target
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ddm.modality import MODALITIES, get_modality
+    from ddm.training.modality import MODALITIES, get_modality
 
     p.add_argument("--manifest", required=True, help="partition manifest directory (read only)")
     p.add_argument("--island", required=True, help="island index 0..K-1, or 'all' for the monolith")
@@ -75,7 +75,7 @@ def parse_island(value: str) -> int | str:
 
 def check_out_dir(out: Path, resume_required: bool) -> Path | None:
     """The training state to resume from, or None for a fresh run; refuses a directory that is not ours."""
-    from ddm.checkpoint import find_state
+    from ddm.training.checkpoint import find_state
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
@@ -136,9 +136,9 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from ddm.checkpoint import config_difference, load_state, read_state_meta
-    from ddm.manifest import Manifest
-    from ddm.modality import get_modality
+    from ddm.training.checkpoint import config_difference, load_state, read_state_meta
+    from ddm.partition.manifest import Manifest
+    from ddm.training.modality import get_modality
 
     # Everything a user can get wrong is checked before the model is built or anything is written.
     island = parse_island(args.island)
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         optimizer.load_state_dict(state["optimizer"])
         if accelerator.scaler is not None and state["scaler"]:
             accelerator.scaler.load_state_dict(state["scaler"])
-        from ddm.checkpoint import restore_rng
+        from ddm.training.checkpoint import restore_rng
 
         restore_rng(state["rng"])
     if args.tensorboard:
@@ -344,7 +344,7 @@ class IslandTrainer:
     def checkpoint(self, out: Path, step: int, wall_time: float, meta: dict) -> None:
         from accelerate.utils import gather_object
 
-        from ddm.checkpoint import capture_rng, save_state
+        from ddm.training.checkpoint import capture_rng, save_state
 
         acc = self.accelerator
         rank_rngs = gather_object([capture_rng()])
@@ -366,7 +366,7 @@ class IslandTrainer:
         acc.wait_for_everyone()
 
     def write_expert_view(self, out: Path, step: int, meta: dict) -> None:
-        from ddm.experts import write_expert
+        from ddm.models.experts import write_expert
 
         if not self.accelerator.is_main_process:
             return
@@ -377,7 +377,7 @@ class IslandTrainer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddm.train", description="Train one island's expert.")
+    parser = argparse.ArgumentParser(prog="python -m ddm.training.train", description="Train one island's expert.")
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

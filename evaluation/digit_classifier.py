@@ -1,9 +1,9 @@
 """A small CNN on the 8x8 digits: the FID feature extractor and sample classifier (no download).
 
 Trained once on a fixed, seeded 80/20 split of the 1,797 digits; the other 20% (359 images) is the fixed
-held-out set that FID is measured against. The weights ship in ddm/assets/digit_classifier.safetensors,
+held-out set that FID is measured against. The weights ship in evaluation/assets/digit_classifier.safetensors,
 produced by:
-    python -m ddm.digit_classifier --out ddm/assets/digit_classifier.safetensors
+    python -m evaluation.digit_classifier --out evaluation/assets/digit_classifier.safetensors
 Use: `load_digit_classifier()` -> module; `module(x)` gives logits, `module.features(x)` the 64-d
 penultimate features; x is (N, 1, 8, 8) in [-1, 1].
 """
@@ -55,7 +55,7 @@ class DigitClassifier(nn.Module):
 
 def train_digit_classifier(epochs: int = 40, seed: int = 0) -> tuple[DigitClassifier, float]:
     """(model, held-out accuracy), trained on the train split only."""
-    from ddm.data import DigitsDataset
+    from ddm.data.images import DigitsDataset
 
     ds = DigitsDataset()
     train_idx, heldout_idx = digits_split(len(ds))

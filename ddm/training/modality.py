@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from ddm import UsageError
 
-MODALITIES = {"image": "ddm.modality:ImageModality", "video": "ddm.video_modality:VideoModality"}
+MODALITIES = {"image": "ddm.training.modality:ImageModality", "video": "ddm.training.video_modality:VideoModality"}
 
 
 def get_modality(name: str) -> type["Modality"]:
@@ -138,7 +138,7 @@ class ImageModality(Modality):
         }
 
     def build(self, preset):
-        from ddm.experts import build_dit
+        from ddm.models.experts import build_dit
 
         dit = build_dit(preset, self.image_size, self.channels, self.num_classes, self.patch_size)
         for module in dit.modules():  # the trainer drops labels itself, from its own seeded generator

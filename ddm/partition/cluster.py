@@ -99,9 +99,9 @@ def summary_table(manifest, labels: torch.Tensor, num_classes: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ddm.data import load_dataset
-    from ddm.features import check_spec, extract_features
+    from ddm.partition.features import check_spec, extract_features
     from ddm.io import atomic_replace_dir, staging_dir
-    from ddm.manifest import Manifest
+    from ddm.partition.manifest import Manifest
 
     if args.k < 1:
         raise UsageError(f"--k must be at least 1, got {args.k}")

@@ -1,6 +1,6 @@
 """Moving digits: a seeded video data set that needs no download.
 
-Each clip shows 1-2 digits from the embedded 8x8 set (`ddm.data.DigitsDataset`) moving one pixel per frame on
+Each clip shows 1-2 digits from the embedded 8x8 set (`ddm.data.images.DigitsDataset`) moving one pixel per frame on
 a small canvas and bouncing off its walls, with a short prompt ("a 3 moving right", "7 and 1 bouncing").
 Clip i is computed on the fly from (seed, i) alone, so the set streams, never sits in memory, and is the same
 on every machine. Clips are (C=1, F, H, W) in [-1, 1], the layout WanTransformer3DModel reads per sample.
@@ -86,7 +86,7 @@ def bounce(start: np.ndarray, velocity: np.ndarray, frames: int, span: int) -> n
 @functools.lru_cache(maxsize=1)
 def embedded_digits():
     """The 8x8 digits, loaded once per process (clips only read them)."""
-    from ddm.data import DigitsDataset
+    from ddm.data.images import DigitsDataset
 
     return DigitsDataset()
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ddm import UsageError
-from ddm.modality import Modality
+from ddm.training.modality import Modality
 
 PATCH_SIZE = (1, 2, 2)
 PROMPT_LENGTH = 8  # words; the longest generated prompt ("7 and 1 moving right") has 5
@@ -52,7 +52,7 @@ def build_wan(preset: str, channels: int = 1):
 
 
 def build_prompt_encoder(preset: str, vocabulary: list[str]):
-    from ddm.prompt_encoder import PromptEncoder
+    from ddm.models.prompt_encoder import PromptEncoder
 
     return PromptEncoder(vocabulary=list(vocabulary), max_length=PROMPT_LENGTH, **check_preset(preset)["text"])
 
@@ -80,7 +80,7 @@ class PromptIds(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i):
-        from ddm.prompt_encoder import tokenize
+        from ddm.models.prompt_encoder import tokenize
 
         clip, prompt, labels, _ = self.data[self.indices[i]]
         return clip, tokenize([prompt], self.vocabulary, PROMPT_LENGTH)[0], labels
@@ -90,7 +90,7 @@ class VideoModality(Modality):
     name = "video"
 
     def __init__(self, manifest, args):
-        from ddm.video_data import VOCABULARY, load_video_dataset
+        from ddm.data.moving_digits import VOCABULARY, load_video_dataset
 
         self.data = load_video_dataset(manifest.data)
         manifest.check_data(self.data)
@@ -123,7 +123,7 @@ class VideoModality(Modality):
         return clips.to(device, non_blocking=True), ids.to(device, non_blocking=True)
 
     def drop_condition(self, cond, drop):
-        from ddm.prompt_encoder import PAD
+        from ddm.models.prompt_encoder import PAD
 
         return cond.masked_fill(drop.view(-1, 1), PAD)
 
@@ -139,7 +139,7 @@ class VideoModality(Modality):
             shutil.rmtree(staging, ignore_errors=True)
 
     def load_extras(self, network, directory):
-        from ddm.prompt_encoder import PromptEncoder
+        from ddm.models.prompt_encoder import PromptEncoder
 
         loaded = PromptEncoder.from_pretrained(Path(directory) / "prompt_encoder")
         network.prompt_encoder.load_state_dict(loaded.state_dict())

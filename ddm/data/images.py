@@ -101,18 +101,3 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i):
         return self.load_image(i), int(self.labels[i]), i
-
-
-def load_dataset(spec: str, image_size: int | None = None) -> Dataset:
-    """`digits` for the embedded set, otherwise a path to an image folder (needs `image_size`)."""
-    if spec == "digits":
-        return DigitsDataset()
-    if spec.partition(":")[0] == "moving-digits":  # the generated video clips (ddm/video_data.py)
-        from ddm.video_data import load_video_dataset
-
-        return load_video_dataset(spec)
-    if not Path(spec).exists():
-        raise UsageError(f"data path not found: {spec} (use 'digits' or an image folder)")
-    if image_size is None:
-        raise UsageError(f"--image-size is required for an image folder: {spec}")
-    return ImageFolderDataset(spec, image_size)

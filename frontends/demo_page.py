@@ -43,7 +43,7 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def islands_section(ctx: dict) -> str:
-    from ddm.manifest import Manifest
+    from ddm.partition.manifest import Manifest
 
     manifest = Manifest.load(ctx["manifest"])
     labels = manifest.load_dataset().labels

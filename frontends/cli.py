@@ -6,15 +6,15 @@ import argparse
 import importlib
 import sys
 
-from ddm import UsageError
+from ddm import run_reporting_usage_errors
 
 COMMANDS = {
-    "partition": ("ddm.partition", "cluster a data set into K islands and write a manifest"),
-    "train": ("ddm.train", "train one island's expert (or the monolith with --island all)"),
+    "partition": ("ddm.partition.cluster", "cluster a data set into K islands and write a manifest"),
+    "train": ("ddm.training.train", "train one island's expert (or the monolith with --island all)"),
     "train-router": ("router.train", "train the router that predicts the island of a noisy sample"),
     "sample": ("router.sample", "sample an image grid through the router ensemble"),
-    "eval": ("ddm.evaluate", "FID, accuracy and class coverage of samples"),
-    "eval-video": ("ddm.video_metrics", "fidelity, flicker, seam and drift scores of rendered videos"),
+    "eval": ("evaluation.images", "FID, accuracy and class coverage of samples"),
+    "eval-video": ("evaluation.video_metrics", "fidelity, flicker, seam and drift scores of rendered videos"),
 }
 
 
@@ -31,15 +31,6 @@ def main(argv: list[str] | None = None) -> int:
             p.set_defaults(_run=mod.run)
     args = parser.parse_args(argv)
     return run_reporting_usage_errors(args._run, args)
-
-
-def run_reporting_usage_errors(run, *args) -> int:
-    """`run(*args)`'s exit code; a UsageError becomes one line on stderr and exit code 2 (for `ddm` and scripts)."""
-    try:
-        return run(*args) or 0
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

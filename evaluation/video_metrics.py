@@ -3,7 +3,7 @@
 - digit fidelity: share of frames in which the prompted digit(s) are recognized. A detector finds the 8x8
   window(s) holding the most ink (a sliding-window sum; for two digits the second window is the best one not
   overlapping the first by more than half) and classifies each with a small CNN trained on the embedded
-  digits with +-1 pixel shifts and noise (`python -m ddm.video_metrics --train-detector OUT`); a frame counts
+  digits with +-1 pixel shifts and noise (`python -m evaluation.video_metrics --train-detector OUT`); a frame counts
   when the multiset of classes equals the prompted digits.
 - flicker: mean |frame[t+1] - frame[t]|, beside the same measure on real clips from the generator.
 - seam score: mean frame difference across block boundaries / mean difference inside blocks (~1 = no seams).
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddm import UsageError
-from ddm.video_data import DIGIT_SIZE
+from ddm.data.moving_digits import DIGIT_SIZE
 
-DETECTOR_PATH = Path(__file__).parent / "assets" / "video" / "digit_detector.safetensors"
+DETECTOR_PATH = Path(__file__).parent / "assets" / "digit_detector.safetensors"
 
 
 class DigitWindowClassifier(nn.Module):
@@ -47,7 +47,7 @@ class DigitWindowClassifier(nn.Module):
 def train_detector(out: Path, steps: int = 1500, seed: int = 0) -> float:
     """Train the window classifier on all embedded digits, shifted by up to 1 pixel and noised; returns the
     accuracy on shifted copies of a held-out fifth. Deterministic for `seed` on one thread."""
-    from ddm.data import DigitsDataset
+    from ddm.data.images import DigitsDataset
     from ddm.io import atomic_save_tensors
 
     g = torch.Generator().manual_seed(seed)
@@ -153,7 +153,7 @@ def seam_score(frames: torch.Tensor, block: int, first_block: int | None = None)
 @functools.lru_cache(maxsize=8)
 def real_flicker(size: int, frames: int, digits: int, clips: int = 64) -> float:
     """Flicker of real generator clips with this canvas size and number of digits (the reference)."""
-    from ddm.video_data import MovingDigitsConfig, MovingDigitsDataset
+    from ddm.data.moving_digits import MovingDigitsConfig, MovingDigitsDataset
 
     ds = MovingDigitsDataset(MovingDigitsConfig(clips=4 * clips, frames=min(frames, 64), size=size, max_digits=digits, seed=1234))
     chosen = [i for i in range(len(ds)) if len(ds.params(i)["labels"]) == digits][:clips]

@@ -1,0 +1,1 @@
+"""Partitioning: feature extraction, clustering into K islands, and the manifest that records them."""

@@ -1,0 +1,1 @@
+"""Front ends: the `ddm` command line (the app is app.py, batch scripts are in scripts/)."""
