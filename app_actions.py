@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ddm import UsageError
-from ddm.models.experts import load_expert, read_expert_meta
+from ddm.models.experts import read_expert_meta
 
 APP_DIR = Path(__file__).resolve().parent
 # A user's mistake: shown in the UI, not logged as a server traceback.
@@ -107,12 +107,14 @@ def float_in_range(value, name: str, low: float, high: float) -> float:
 
 
 def ensemble_parts(path: Path) -> list[str]:
-    """The router and expert folders an ensemble.json names (DDMEnsemble.save_pretrained writes it)."""
+    """The folders a pipeline folder (transformer/, scheduler/) or an ensemble.json (router, experts) makes us read."""
+    if (path / "model_index.json").is_file():
+        return ["transformer", "scheduler", *(f"transformer/{part}" for part in ensemble_parts(path / "transformer"))]
     try:
         spec = json.loads((path / "ensemble.json").read_text())
         return [spec["router"], *spec["experts"]]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return []  # not an ensemble: DDMEnsemble.from_pretrained says so
+        return []  # not an ensemble: load_pipeline says so
 
 
 def class_labels(choice: str | None, count: int, num_classes: int, seed: int) -> torch.Tensor:
@@ -255,7 +257,7 @@ class Actions:
     ):
         """Images through the router ensemble, its routing weights per step, optionally the monolith's (same noise)."""
         from router.ensemble import DDMEnsemble
-        from router.pipeline import make_pipeline
+        from router.pipeline import load_pipeline
 
         ensemble_path = self.roots.dir(ensemble_dir, "Ensemble directory")
         for part in ensemble_parts(ensemble_path):  # ensemble.json names the folders it loads: roots only
@@ -265,11 +267,13 @@ class Actions:
         cfg = float_in_range(cfg, "CFG scale", 1.0, 20.0)
         seed = int_in_range(seed, "Seed", 0, 2**31 - 1)
         count = int_in_range(count, "Number of images", 1, MAX_IMAGES)
-        ensemble = DDMEnsemble.from_pretrained(ensemble_path, strategy=strategy or None)
+        pipe = load_pipeline(ensemble_path, strategy or None)
+        ensemble = pipe.transformer
+        if not isinstance(ensemble, DDMEnsemble):
+            raise UserError(f"Ensemble directory {ensemble_dir!r} holds a single expert, not an ensemble.")
         num_classes = ensemble.metas[0]["num_classes"]
         labels = class_labels(class_label, count, num_classes, seed)
-        shift = ensemble.metas[0]["flow"]["shift"]
-        images = make_pipeline(ensemble, shift)(
+        images = pipe(
             labels, num_inference_steps=steps, guidance_scale=cfg, generator=torch.Generator().manual_seed(seed)
         ).images
         # With CFG the ensemble also routes the unconditional rows; those of the conditional ones are plotted.
@@ -277,12 +281,13 @@ class Actions:
         captions = [f"class {c} · expert {e}" for c, e in zip(labels.tolist(), weights.sum(0).argmax(1).tolist())]
         monolith = []
         if monolith_path is not None:
-            model, meta = load_expert(monolith_path)
-            if model.config.sample_size != ensemble.config.sample_size or meta["num_classes"] != num_classes:
+            monolith_pipe = load_pipeline(monolith_path)
+            model = monolith_pipe.transformer
+            if model.config.sample_size != ensemble.config.sample_size or model.config.num_embeds_ada_norm != num_classes:
                 raise UserError(
                     f"Monolith {monolith_dir!r} does not make the samples the ensemble makes (size or classes differ)."
                 )
-            monolith_images = make_pipeline(model, meta["flow"]["shift"])(
+            monolith_images = monolith_pipe(
                 labels, num_inference_steps=steps, guidance_scale=cfg, generator=torch.Generator().manual_seed(seed)
             ).images
             monolith = [(image, f"class {c} · monolith") for image, c in zip(monolith_images, labels.tolist())]
@@ -291,7 +296,7 @@ class Actions:
     @friendly
     def expert_samples(self, experts_dir: str, steps, seed, class_label: str):
         """One sample per expert directory under `experts_dir`, all from the same noise and class."""
-        from router.pipeline import make_pipeline
+        from router.pipeline import load_pipeline
 
         experts_path = self.roots.dir(experts_dir, "Experts directory")
         steps = int_in_range(steps, "Steps", 1, MAX_STEPS)
@@ -306,9 +311,9 @@ class Actions:
             )
         samples = []
         for expert_dir in expert_dirs:
-            model, meta = load_expert(expert_dir)
-            labels = class_labels(class_label, 1, meta["num_classes"], seed)
-            image = make_pipeline(model, meta["flow"]["shift"])(
+            pipe = load_pipeline(expert_dir)
+            labels = class_labels(class_label, 1, pipe.transformer.config.num_embeds_ada_norm, seed)
+            image = pipe(
                 labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)
             ).images[0]
             samples.append((image, f"{expert_dir.name} · class {labels.item()}"))

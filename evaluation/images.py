@@ -127,24 +127,12 @@ def evaluate_samples(images01, labels, reference01, features: ImageFeatures, cla
 
 
 def generate(model_dir, n: int, strategy: str | None, steps: int, cfg: float, seed: int, batch_size: int = 256):
-    """n samples in [0, 1] from an ensemble directory or one expert directory (e.g. the monolith), classes
+    """n samples in [0, 1] from a pipeline folder, an ensemble or one expert directory (e.g. the monolith), classes
     cycling 0..C-1, and their labels. The same seed gives the same initial noise for either kind of model."""
-    from router.pipeline import make_pipeline
+    from router.pipeline import load_pipeline
 
-    if (Path(model_dir) / "expert.json").is_file():
-        from ddm.models.experts import load_expert
-
-        if strategy:
-            raise UsageError(f"--strategy {strategy} needs an ensemble; {model_dir} is a single expert")
-        model, meta = load_expert(model_dir)
-        num_classes, shift = meta["num_classes"], meta["flow"]["shift"]
-    else:
-        from router.ensemble import DDMEnsemble
-
-        model = DDMEnsemble.from_pretrained(model_dir, strategy=strategy)
-        num_classes, shift = model.config.num_embeds_ada_norm, model.metas[0]["flow"]["shift"]
-    pipe = make_pipeline(model, shift)
-    labels = torch.arange(n) % num_classes
+    pipe = load_pipeline(model_dir, strategy)
+    labels = torch.arange(n) % pipe.transformer.config.num_embeds_ada_norm
     gen = torch.Generator().manual_seed(seed)
     images = [pipe(chunk, steps, cfg, gen, output_type="pt").images for chunk in labels.split(batch_size)]
     return torch.cat(images), labels
@@ -153,7 +141,7 @@ def generate(model_dir, n: int, strategy: str | None, steps: int, cfg: float, se
 def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="a .safetensors from `ddm sample`, or a folder of images (sub-folders = classes)")
-    src.add_argument("--ensemble", help="an ensemble directory, or one expert directory (e.g. the monolith), to sample from")
+    src.add_argument("--ensemble", help="a pipeline folder (ddm sample --save-ensemble), an ensemble, or one expert directory (e.g. the monolith) to sample from")
     p.add_argument("--n", type=int, default=1000, help="samples to generate with --ensemble")
     p.add_argument("--strategy", default=None, help="override the ensemble's routing strategy")
     p.add_argument("--steps", type=int, default=50)

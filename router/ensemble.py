@@ -111,6 +111,15 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
         check_experts(metas, [dict(model.config) for model, _ in loaded], expert_dirs)
         return cls(router, [model for model, _ in loaded], metas, strategy)
 
+    @property
+    def flow_shift(self) -> float:
+        """The experts' SD3 shift (they share one noise path); the sampler's scheduler must use it."""
+        return self.metas[0]["flow"]["shift"]
+
+    def set_strategy(self, strategy: str) -> None:
+        self.strategy = parse_strategy(strategy, self.config.num_experts)
+        self.register_to_config(strategy=str(self.strategy))
+
     def reset_routing(self, generator: torch.Generator | None = None) -> None:
         """Start a generation: clear the routing record; `sample:K` draws from a generator seeded by the sampler's."""
         self.routing_weights = []

@@ -1,8 +1,18 @@
 """DDMPipeline: class-conditional flow-matching Euler sampling with classifier-free guidance.
 
 The transformer is one expert, a monolith or a `DDMEnsemble`: the loop is the same for all of them.
+`load_pipeline(path)` is the one way from a directory on disk (a pipeline folder, an ensemble or one expert) to a
+ready pipeline; the experts' flow shift travels in the scheduler config, so nothing else reads it by hand.
+
+A pipeline folder is an ordinary diffusers folder (`model_index.json`, `scheduler/`, `transformer/`):
+`DDMPipeline.from_pretrained(folder)` loads it, and so does
+`DiffusionPipeline.from_pretrained(folder, custom_pipeline=router.pipeline.__file__, trust_remote_code=True)`, the
+diffusers way for a pipeline class that lives outside diffusers (the "remote" code is this installed module).
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
@@ -10,6 +20,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ddm import UsageError
+from ddm.io import atomic_replace_dir, staging_dir
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -69,9 +80,65 @@ class DDMPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs) -> None:
+        """The diffusers folder, written whole or not at all (staged beside it, then swapped in)."""
+        if not safe_serialization:
+            raise UsageError("pipelines are saved as safetensors only")
+        final = Path(save_directory)
+        staging = staging_dir(final)
+        super().save_pretrained(staging, safe_serialization=True, **kwargs)
+        atomic_replace_dir(staging, final)
+
 
 def make_pipeline(transformer, flow_shift: float = 1.0) -> DDMPipeline:
     """The pipeline with its scheduler on the experts' SD3 shift."""
     pipe = DDMPipeline(transformer, FlowMatchEulerDiscreteScheduler(shift=flow_shift))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def ensemble_pipeline(router_dir, expert_dirs, strategy: str | None = None, device=None, dtype=None) -> DDMPipeline:
+    """Router directory + any subset of expert directories → a pipeline over their ensemble."""
+    from router.ensemble import DDMEnsemble
+    from router.strategies import DEFAULT_STRATEGY
+
+    ensemble = DDMEnsemble.from_dirs(router_dir, expert_dirs, strategy or DEFAULT_STRATEGY, device, dtype)
+    return make_pipeline(ensemble, ensemble.flow_shift)
+
+
+def load_pipeline(path, strategy: str | None = None, device=None, dtype=None) -> DDMPipeline:
+    """A pipeline from a pipeline folder (model_index.json), an ensemble (ensemble.json) or one expert (expert.json).
+
+    `strategy` overrides an ensemble's routing strategy; a single expert has none to override.
+    """
+    from ddm.models.experts import load_expert
+    from router.ensemble import DDMEnsemble
+
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        try:
+            class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"{path / 'model_index.json'} is unreadable: {e}") from None
+        if class_name != DDMPipeline.__name__:
+            raise UsageError(f"{path} holds a {class_name} pipeline, not a {DDMPipeline.__name__}")
+        try:
+            pipe = DDMPipeline.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise UsageError(f"cannot load the pipeline in {path}: {str(e).splitlines()[0]}") from None
+        pipe.set_progress_bar_config(disable=True)
+        if isinstance(pipe.transformer, DDMEnsemble):
+            if strategy:
+                pipe.transformer.set_strategy(strategy)
+        elif strategy:
+            raise UsageError(f"--strategy {strategy} needs an ensemble; {path} holds a single expert")
+        return pipe.to(device) if device is not None else pipe
+    if (path / DDMEnsemble.config_name).is_file():
+        ensemble = DDMEnsemble.from_pretrained(path, strategy=strategy, device=device, torch_dtype=dtype)
+        return make_pipeline(ensemble, ensemble.flow_shift)
+    if (path / "expert.json").is_file():
+        if strategy:
+            raise UsageError(f"--strategy {strategy} needs an ensemble; {path} is a single expert")
+        model, meta = load_expert(path, device=device, dtype=dtype)
+        return make_pipeline(model, meta["flow"]["shift"])
+    raise UsageError(f"{path} is not a pipeline folder (model_index.json), an ensemble (ensemble.json) or an expert (expert.json)")

@@ -65,16 +65,8 @@ def routing_statistics(weights: list[torch.Tensor], labels: torch.Tensor, sigmas
     return stats
 
 
-def load_ensemble(args):
-    from router.ensemble import DDMEnsemble
-
-    if args.ensemble:
-        return DDMEnsemble.from_pretrained(args.ensemble, strategy=args.strategy)
-    return DDMEnsemble.from_dirs(args.router, args.experts, args.strategy or DEFAULT_STRATEGY)
-
-
 def add_arguments(p) -> None:
-    p.add_argument("--ensemble", help="an ensemble directory (saved by DDMEnsemble.save_pretrained)")
+    p.add_argument("--ensemble", help="a pipeline folder saved by --save-ensemble (or an older ensemble directory)")
     p.add_argument("--router", help="router directory (with --experts)")
     p.add_argument("--experts", nargs="+", help="expert directories: any subset of the islands")
     p.add_argument("--strategy", default=None, help=f"full | top1 | topk:K | threshold:TAU | sample:K (default {DEFAULT_STRATEGY})")
@@ -85,11 +77,12 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG grid")
     p.add_argument("--out", required=True, help="grid PNG path")
-    p.add_argument("--save-ensemble", help="also save the ensemble (router + experts + strategy) to this directory")
+    p.add_argument("--save-ensemble", help="also save the pipeline (router + experts + strategy + scheduler) as a diffusers folder here")
 
 
 def run(args) -> int:
-    from router.pipeline import make_pipeline
+    from router.ensemble import DDMEnsemble
+    from router.pipeline import ensemble_pipeline, load_pipeline
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -101,11 +94,13 @@ def run(args) -> int:
     for name in ("n", "steps", "scale"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    ensemble = load_ensemble(args)
+    pipe = load_pipeline(args.ensemble, args.strategy) if args.ensemble else ensemble_pipeline(args.router, args.experts, args.strategy)
+    ensemble = pipe.transformer
+    if not isinstance(ensemble, DDMEnsemble):
+        raise UsageError(f"--ensemble {args.ensemble} holds a single expert; `ddm sample` reports routing, so it needs an ensemble")
     num_classes = ensemble.config.num_embeds_ada_norm
     classes = torch.tensor(args.classes if args.classes else list(range(num_classes)))
     labels = classes.repeat(math.ceil(args.n / len(classes)))[: args.n]
-    pipe = make_pipeline(ensemble, ensemble.metas[0]["flow"]["shift"])
     images = pipe(labels, args.steps, args.cfg, torch.Generator().manual_seed(args.seed), output_type="pt").images
     stats = routing_statistics(ensemble.routing_weights, labels, pipe.scheduler.sigmas[:-1], args.cfg != 1.0)
     stats.update(strategy=str(ensemble.strategy), islands_present=ensemble.islands, seed=args.seed, cfg=args.cfg)
@@ -113,7 +108,7 @@ def run(args) -> int:
     atomic_write_json(out.with_suffix(".json"), stats)
     atomic_save_tensors(out.with_suffix(".safetensors"), {"images": images, "labels": labels})
     if args.save_ensemble:
-        ensemble.save_pretrained(args.save_ensemble)
+        pipe.save_pretrained(args.save_ensemble)
     used = torch.tensor([e for s in stats["samples"] for e in s["experts"]])
     share = (torch.bincount(used, minlength=stats["num_experts"]).float() / len(used)).tolist()
     print(f"wrote {out} ({args.n} samples, strategy {ensemble.strategy}); expert share over steps: "

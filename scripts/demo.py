@@ -113,7 +113,7 @@ def stage_sample(ctx: dict) -> None:
     """A grid through the top-1 ensemble (with routing statistics), then FID of ensemble vs monolith."""
     ctx["ensemble"] = ensemble = ctx["out"] / "ensemble"
     grid = ctx["out"] / "grid.png"
-    if not (ensemble / "ensemble.json").is_file() or not grid.is_file():
+    if not (ensemble / "model_index.json").is_file() or not grid.is_file():
         run_ddm("sample", "--router", ctx["router"], "--experts", *ctx["experts"], "--strategy", "top1",
                 "--n", 40, "--steps", ctx["sample_steps"], "--cfg", 1.5, "--seed", ctx["seed"], "--out", grid,
                 "--save-ensemble", ensemble)

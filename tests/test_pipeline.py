@@ -89,7 +89,8 @@ def test_ddm_sample_writes_grid_and_routing_statistics(dirs, tmp_path):
     args = ["sample", "--router", str(router), "--experts", *map(str, experts[:3]), "--n", "6", "--steps", "4", "--out", str(out),
             "--save-ensemble", str(tmp_path / "ens")]
     assert ddm_main(args) == 0
-    assert DDMEnsemble.from_pretrained(tmp_path / "ens").islands == [0, 1, 2]
+    saved_pipe = DDMPipeline.from_pretrained(tmp_path / "ens")  # a diffusers pipeline folder
+    assert saved_pipe.transformer.islands == [0, 1, 2] and str(saved_pipe.transformer.strategy) == "topk:1"
     assert Image.open(out).size == (4 * (3 * 9 + 1), 4 * (2 * 9 + 1))
     stats = json.loads(out.with_suffix(".json").read_text())
     assert stats["strategy"] == "topk:1" and stats["islands_present"] == [0, 1, 2] and len(stats["steps"]) == 4
