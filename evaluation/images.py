@@ -38,28 +38,12 @@ def digit_features(classifier) -> ImageFeatures:
 
 
 def pretrained_features(path: str | Path) -> ImageFeatures:
-    """Pooled image features of a local transformers checkpoint (DINOv2, CLIP, ...), never downloaded."""
-    from transformers import AutoImageProcessor, AutoModel
+    """Pooled image features of a local transformers checkpoint (the encoder partitioning uses too)."""
+    from ddm.partition.features import load_image_encoder
 
-    try:
-        processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load a feature model from {path}: {str(e).splitlines()[0]}") from None
-
-    def fn(images01):
-        rgb = images01.expand(-1, 3, -1, -1) if images01.shape[1] == 1 else images01
-        pixels = processor(images=list(rgb.float()), do_rescale=False, return_tensors="pt")["pixel_values"]
-        if hasattr(model, "get_image_features"):
-            return model.get_image_features(pixel_values=pixels)
-        out = model(pixel_values=pixels)
-        pooled = getattr(out, "pooler_output", None)
-        return pooled if pooled is not None else out.last_hidden_state[:, 0]
-
-    with torch.inference_mode():
-        probe = torch.zeros(1, 3, 32, 32)
-        dim = fn(probe).shape[-1]
-    return ImageFeatures(fn, dim)
+    encode, _ = load_image_encoder(path)
+    dim = encode(torch.zeros(1, 3, 32, 32)).shape[-1]
+    return ImageFeatures(lambda images01: encode(images01 * 2 - 1), dim)
 
 
 def load_samples(path: str | Path, channels: int, image_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -9,7 +9,7 @@ from diffusers import DiffusionPipeline
 import router.pipeline
 from ddm import UsageError
 from router.pipeline import DDMPipeline, ensemble_pipeline, load_pipeline
-from test_router_fixtures import FLOW, make_ensemble_dirs, make_expert
+from test_router_fixtures import FLOW, make_expert, make_router
 
 SHIFTED = {**FLOW, "shift": 2.5}
 
@@ -23,7 +23,6 @@ def test_ensemble_pipeline_folder_round_trip(tmp_path, monkeypatch):
     root = tmp_path / "models"
     fingerprint = "f" * 16
     experts = [make_expert(root / f"island_{i}", i, 3, fingerprint, flow=SHIFTED) for i in range(3)]
-    from test_router_fixtures import make_router
 
     router_dir = make_router(root / "router", 3, fingerprint, flow=SHIFTED, scale=5.0)
     pipe = ensemble_pipeline(router_dir, experts, "top1")

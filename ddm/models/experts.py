@@ -18,7 +18,6 @@ from diffusers import DiTTransformer2DModel, WanTransformer3DModel
 from safetensors import SafetensorError
 
 from ddm import UsageError
-from ddm.flow import FlowConfig
 
 EXPERT_FORMAT = "ddm-expert/1"
 MODEL_CLASSES = {"DiTTransformer2DModel": DiTTransformer2DModel, "WanTransformer3DModel": WanTransformer3DModel}
@@ -81,10 +80,6 @@ def load_expert(path: str | Path, weights: str = "ema", device=None, dtype=None)
     if device is not None:
         model.to(device)
     return model.eval().requires_grad_(False), meta
-
-
-def flow_config(meta: dict) -> FlowConfig:
-    return FlowConfig.from_dict(meta["flow"])
 
 
 def write_expert(out: str | Path, ema_model: torch.nn.Module, raw_model: torch.nn.Module, meta: dict) -> None:

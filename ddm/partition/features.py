@@ -67,8 +67,12 @@ def _checkpoint_id(path: Path, model_type: str) -> str:
     return f"hf:{model_type}:{path.name}:{h.hexdigest()[:12]}"
 
 
-@torch.inference_mode()
-def pretrained_features(path: Path, dataset, batch_size: int = 64) -> tuple[np.ndarray, str]:
+def load_image_encoder(path: str | Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """(encode, model_type) of a local transformers vision checkpoint (DINOv2, CLIP, ...), never downloaded.
+
+    encode: images in [-1, 1] (N, C, H, W) → pooled features (N, D) float32, through the checkpoint's own processor.
+    Partitioning and `ddm eval` on real data both use it, so they see images the same way.
+    """
     from transformers import AutoImageProcessor, AutoModel
 
     try:
@@ -76,8 +80,9 @@ def pretrained_features(path: Path, dataset, batch_size: int = 64) -> tuple[np.n
         model = AutoModel.from_pretrained(path, local_files_only=True).eval()
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load a feature model from {path}: {str(e).splitlines()[0]}") from None
-    chunks = []
-    for images in dataset_images(dataset, batch_size):
+
+    @torch.inference_mode()
+    def encode(images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         rgb = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -89,8 +94,15 @@ def pretrained_features(path: Path, dataset, batch_size: int = 64) -> tuple[np.n
             out = model(pixel_values=pixel_values)
             pooled = getattr(out, "pooler_output", None)
             feats = pooled if pooled is not None else out.last_hidden_state[:, 0]
-        chunks.append(feats.float())
-    return torch.cat(chunks).numpy(), _checkpoint_id(path, model.config.model_type)
+        return feats.float()
+
+    return encode, model.config.model_type
+
+
+def pretrained_features(path: Path, dataset, batch_size: int = 64) -> tuple[np.ndarray, str]:
+    encode, model_type = load_image_encoder(path)
+    chunks = [encode(images) for images in dataset_images(dataset, batch_size)]
+    return torch.cat(chunks).numpy(), _checkpoint_id(path, model_type)
 
 
 def check_spec(spec: str) -> None:

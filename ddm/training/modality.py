@@ -22,7 +22,7 @@ Contract (all tensors on the trainer's device unless said otherwise):
 - `drop_condition(cond, drop)`: `cond` with the samples where the bool mask `drop` is True replaced by the
   null condition that classifier-free guidance uses. The trainer draws `drop` from its own seeded generator;
   the network must not drop conditions by itself.
-- `save_extras(network, directory)` / `load_extras(network, directory)`: write / read the trainable modules
+- `save_extras(network, directory)`: write the trainable modules
   beyond `network.denoiser` in subfolders of an expert directory (the EMA view at the top, the raw one in raw/).
 - `expert_meta()`: extra keys for expert.json that samplers need (e.g. num_classes, image size).
 """
@@ -74,9 +74,6 @@ class Modality:
         raise NotImplementedError
 
     def save_extras(self, network: nn.Module, directory: Path) -> None:
-        """Default: no trainable module beyond the denoiser."""
-
-    def load_extras(self, network: nn.Module, directory: Path) -> None:
         """Default: no trainable module beyond the denoiser."""
 
     def expert_meta(self) -> dict:

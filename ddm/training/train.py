@@ -29,14 +29,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ddm import UsageError
-from ddm.training.checkpoint import STATE_DIR
+from ddm import UsageError, run_reporting_usage_errors
 from ddm.data.stream import STREAM_NOISE, StreamSampler, derive_seed
 from ddm.flow import FlowConfig, add_noise, to_timestep, velocity_target
+from ddm.io import atomic_write_bytes
+from ddm.models.experts import write_expert
+from ddm.partition.manifest import Manifest
+from ddm.training.checkpoint import (
+    STATE_DIR, capture_rng, config_difference, find_state, load_state, read_state_meta, restore_rng, save_state,
+)
+from ddm.training.modality import MODALITIES, get_modality
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ddm.training.modality import MODALITIES, get_modality
-
     p.add_argument("--manifest", required=True, help="partition manifest directory (read only)")
     p.add_argument("--island", required=True, help="island index 0..K-1, or 'all' for the monolith")
     p.add_argument("--out", required=True, help="expert directory: the only place this run writes")
@@ -75,8 +80,6 @@ def parse_island(value: str) -> int | str:
 
 def check_out_dir(out: Path, resume_required: bool) -> Path | None:
     """The training state to resume from, or None for a fresh run; refuses a directory that is not ours."""
-    from ddm.training.checkpoint import find_state
-
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     state = find_state(out) if out.is_dir() else None
@@ -118,8 +121,6 @@ def weights_digest(state_dict: dict) -> str:
 
 def trim_metrics(path: Path, last_step: int) -> None:
     """Drop log lines past the resumed step (and a line torn by a kill), so the log reads as one run."""
-    from ddm.io import atomic_write_bytes
-
     if not path.is_file():
         return
     kept = []
@@ -135,10 +136,6 @@ def trim_metrics(path: Path, last_step: int) -> None:
 def run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-
-    from ddm.training.checkpoint import config_difference, load_state, read_state_meta
-    from ddm.partition.manifest import Manifest
-    from ddm.training.modality import get_modality
 
     # Everything a user can get wrong is checked before the model is built or anything is written.
     island = parse_island(args.island)
@@ -223,8 +220,6 @@ def run(args: argparse.Namespace) -> int:
         optimizer.load_state_dict(state["optimizer"])
         if accelerator.scaler is not None and state["scaler"]:
             accelerator.scaler.load_state_dict(state["scaler"])
-        from ddm.training.checkpoint import restore_rng
-
         restore_rng(state["rng"])
     if args.tensorboard:
         accelerator.init_trackers("train", config={k: str(v) for k, v in config.items()})
@@ -344,7 +339,6 @@ class IslandTrainer:
     def checkpoint(self, out: Path, step: int, wall_time: float, meta: dict) -> None:
         from accelerate.utils import gather_object
 
-        from ddm.training.checkpoint import capture_rng, save_state
 
         acc = self.accelerator
         rank_rngs = gather_object([capture_rng()])
@@ -366,8 +360,6 @@ class IslandTrainer:
         acc.wait_for_everyone()
 
     def write_expert_view(self, out: Path, step: int, meta: dict) -> None:
-        from ddm.models.experts import write_expert
-
         if not self.accelerator.is_main_process:
             return
         meta = {**meta, "step": step, "steps": self.args.steps, "complete": step >= self.args.steps}
@@ -379,12 +371,7 @@ class IslandTrainer:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddm.training.train", description="Train one island's expert.")
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args) or 0
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_usage_errors(run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

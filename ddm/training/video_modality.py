@@ -138,12 +138,6 @@ class VideoModality(Modality):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def load_extras(self, network, directory):
-        from ddm.models.prompt_encoder import PromptEncoder
-
-        loaded = PromptEncoder.from_pretrained(Path(directory) / "prompt_encoder")
-        network.prompt_encoder.load_state_dict(loaded.state_dict())
-
     def expert_meta(self):
         return {
             "channels": self.channels,
