@@ -51,7 +51,7 @@ class AllowedRoots:
             raise UserError(f"{what} {text!r} is not a valid path.") from None
         # Checked before existence, so the app says nothing about what lies outside its roots.
         if not self.allows(resolved):
-            raise UserError(f"{what} {text!r} is outside the folders this app may read ({self.describe()}).")
+            raise UserError(f"{what} {text!r} is outside the folders this app may read ({self.describe()}); start the app with --allow-dir DIR to add one.")
         if not resolved.is_dir():
             raise UserError(f"{what} {text!r} is not a directory.")
         for folder, dirs, files in os.walk(resolved):  # does not follow links: each is checked instead

@@ -128,13 +128,13 @@ def add_arguments(p) -> None:
     src.add_argument("--ensemble", help="a pipeline folder (ddm sample --save-ensemble), an ensemble, or one expert directory (e.g. the monolith) to sample from")
     p.add_argument("--n", type=int, default=1000, help="samples to generate with --ensemble")
     p.add_argument("--strategy", default=None, help="override the ensemble's routing strategy")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=1.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50, help="Euler sampling steps with --ensemble")
+    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale with --ensemble (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial noise with --ensemble")
     p.add_argument("--data", default="digits", help="'digits' (shipped classifier features) or use --feature-model/--reference")
     p.add_argument("--feature-model", help="local transformers vision checkpoint for real data")
     p.add_argument("--reference", help="folder of held-out real images for real data")
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None, help="resize + center-crop size of image folders (default: the reference's)")
     p.add_argument("--out", help="write the metrics JSON here")
 
 

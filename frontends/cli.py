@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from ddm import run_reporting_usage_errors
+from ddm import __version__, run_reporting_usage_errors
 
 COMMANDS = {
     "partition": ("ddm.partition.cluster", "cluster a data set into K islands and write a manifest"),
@@ -18,18 +18,33 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default, except None/False (nothing to show) and where the help line already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(load: set[str] | None = None) -> argparse.ArgumentParser:
+    """The `ddm` parser; the options of the commands in `load` (all when None) are filled in."""
     parser = argparse.ArgumentParser(prog="ddm", description="Decentralized diffusion training (DDM) and DualParal long-video tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    argv = sys.argv[1:] if argv is None else argv
-    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == chosen:
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        if load is None or name in load:
             mod = importlib.import_module(module)
             mod.add_arguments(p)
             p.set_defaults(_run=mod.run)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser({chosen}).parse_args(argv)
     return run_reporting_usage_errors(args._run, args)
 
 

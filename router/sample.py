@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ddm import UsageError
+from ddm import UsageError, command_args
 from ddm.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json
 from router.strategies import DEFAULT_STRATEGY
 
@@ -70,11 +70,11 @@ def add_arguments(p) -> None:
     p.add_argument("--router", help="router directory (with --experts)")
     p.add_argument("--experts", nargs="+", help="expert directories: any subset of the islands")
     p.add_argument("--strategy", default=None, help=f"full | top1 | topk:K | threshold:TAU | sample:K (default {DEFAULT_STRATEGY})")
-    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--classes", type=int, nargs="+", help="class labels, cycled to n (default 0..C-1 cycled)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="Euler sampling steps")
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial noise and any sampled routing")
     p.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG grid")
     p.add_argument("--out", required=True, help="grid PNG path")
     p.add_argument("--save-ensemble", help="also save the pipeline (router + experts + strategy + scheduler) as a diffusers folder here")
@@ -114,3 +114,11 @@ def run(args) -> int:
     print(f"wrote {out} ({args.n} samples, strategy {ensemble.strategy}); expert share over steps: "
           + ", ".join(f"{k}: {s:.2f}" for k, s in enumerate(share)))
     return 0
+
+
+def sample(**options) -> Path:
+    """Python API of `ddm sample`: the same options as keyword arguments (`router=..., experts=[...], out=...` or
+    `ensemble=...`), the same defaults and checks. Returns the grid's path (its .json and .safetensors lie beside it)."""
+    args = command_args(add_arguments, **options)
+    run(args)
+    return Path(args.out)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ddm import UsageError
+from ddm import UsageError, command_args
 from ddm.models.experts import read_expert_meta
 from ddm.flow import FlowConfig, add_noise, to_timestep
 from ddm.io import atomic_replace_dir, atomic_write_json, staging_dir
@@ -56,7 +56,7 @@ def read_experts(manifest: Manifest, expert_dirs: list) -> tuple[FlowConfig, dic
     return FlowConfig.from_dict(meta["flow"]), configs[0], meta
 
 
-def train_router(
+def fit_router(
     images: torch.Tensor,
     labels: torch.Tensor,
     manifest: Manifest,
@@ -171,13 +171,13 @@ def add_arguments(p) -> None:
     p.add_argument("--manifest", required=True, help="partition manifest directory")
     p.add_argument("--experts", nargs="+", required=True, help="expert directories (their expert.json gives the noise path)")
     p.add_argument("--out", required=True, help="router output directory")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=128, help="samples per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seeds the init, the data draws and the noise")
     p.add_argument("--width", type=int, default=32, help="router hidden size")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--layers", type=int, default=2, help="router transformer layers")
+    p.add_argument("--heads", type=int, default=2, help="attention heads per layer")
     p.add_argument(
         "--class-cond", action=argparse.BooleanOptionalAction, default=None,
         help="condition the router on the class label (default: on for class-conditional experts; sampling class c "
@@ -200,7 +200,7 @@ def run(args) -> int:
     if tuple(images.shape[1:]) != (expert_config["in_channels"], expert_config["sample_size"], expert_config["sample_size"]):
         raise UsageError(f"data samples are {tuple(images.shape[1:])}, experts expect {expert_config['in_channels']}x{expert_config['sample_size']}")
     start = time.perf_counter()
-    router = train_router(
+    router = fit_router(
         images, labels, manifest, flow, meta["num_classes"], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, width=args.width, layers=args.layers, heads=args.heads, patch_size=expert_config["patch_size"],
         class_cond=meta["num_classes"] > 1 if args.class_cond is None else args.class_cond, balance=args.balance, log_every=max(1, args.steps // 10),
@@ -211,3 +211,11 @@ def run(args) -> int:
     print_metrics(metrics)
     print(f"router saved to {args.out}")
     return 0
+
+
+def train_router(**options) -> Path:
+    """Python API of `ddm train-router`: the same options as keyword arguments (`manifest=..., experts=[...],
+    out=...`), the same defaults and checks. Returns the router directory."""
+    args = command_args(add_arguments, **options)
+    run(args)
+    return Path(args.out)

@@ -10,7 +10,7 @@ from frontends.cli import main as ddm_main
 from ddm.flow import FlowConfig
 from router.model import RouterModel
 from router.strategies import Strategy, parse_strategy
-from router.train import accuracy_by_sigma, router_flop_ratio, train_router
+from router.train import accuracy_by_sigma, fit_router, router_flop_ratio
 from test_router_fixtures import digits_manifest, make_expert
 
 
@@ -65,7 +65,7 @@ def trained():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # ~10k tiny ops: threading only adds sync cost, badly so on a busy machine
     try:
-        router = train_router(ds.images, ds.labels, manifest, flow, 10, steps=300, batch_size=64, lr=3e-3, width=32, layers=1)
+        router = fit_router(ds.images, ds.labels, manifest, flow, 10, steps=300, batch_size=64, lr=3e-3, width=32, layers=1)
     finally:
         torch.set_num_threads(threads)
     metrics = accuracy_by_sigma(router, ds.images, ds.labels, manifest.assignments, flow, 10)
@@ -91,7 +91,7 @@ def test_router_is_a_small_fraction_of_an_expert(trained):
 
 def test_balanced_training_adds_prior_correction(trained):
     ds, manifest, _, _ = trained
-    router = train_router(ds.images, ds.labels, manifest, FlowConfig(), 10, steps=2, batch_size=8, balance=True)
+    router = fit_router(ds.images, ds.labels, manifest, FlowConfig(), 10, steps=2, batch_size=8, balance=True)
     sizes = torch.tensor(manifest.sizes, dtype=torch.float)
     expected = (sizes / sizes.sum()).log() - math.log(1 / 3)
     assert torch.allclose(torch.tensor(router.config.logit_correction), expected)
@@ -103,7 +103,7 @@ def test_balanced_training_adds_prior_correction(trained):
 
 def test_class_conditional_router_roundtrip(tmp_path, trained):
     ds, manifest, _, _ = trained
-    router = train_router(ds.images, ds.labels, manifest, FlowConfig(), 10, steps=2, batch_size=8, class_cond=True)
+    router = fit_router(ds.images, ds.labels, manifest, FlowConfig(), 10, steps=2, batch_size=8, class_cond=True)
     router.save_pretrained(tmp_path / "r")
     loaded = RouterModel.from_pretrained(tmp_path / "r")
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1.0, 500.0, 999.0]), torch.tensor([0, 5, 10])

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddm import UsageError
+from ddm import UsageError, command_args
 
 FINE_CLUSTERS = 1024
 
@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     method = p.add_mutually_exclusive_group()
     method.add_argument("--balanced", action="store_true", help="roughly equal island sizes (fine-to-coarse k-means)")
     method.add_argument("--random", action="store_true", help="random partition (ablation)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="k-means / random-partition seed")
 
 
 def island_centroids(features: np.ndarray, assignments: np.ndarray, k: int) -> np.ndarray:
@@ -142,3 +142,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{method} partition of {manifest.data} ({n} samples, features {extractor}) into {args.k} islands -> {out}")
     print(summary_table(manifest, labels, getattr(dataset, "num_classes", 0)))
     return 0
+
+
+def partition(**options) -> Path:
+    """Python API of `ddm partition`: the same options as keyword arguments (`data="digits", k=4, out=...`), the
+    same defaults and checks. Returns the manifest directory."""
+    args = command_args(add_arguments, **options)
+    run(args)
+    return Path(args.out)

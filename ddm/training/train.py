@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ddm import UsageError, run_reporting_usage_errors
+from ddm import UsageError, command_args, run_reporting_usage_errors
 from ddm.data.stream import STREAM_NOISE, StreamSampler, derive_seed
 from ddm.flow import FlowConfig, add_noise, to_timestep, velocity_target
 from ddm.io import atomic_write_bytes
@@ -50,16 +50,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=2000, help="total optimizer steps (may be raised on resume)")
     p.add_argument("--batch-size", type=int, default=64, help="GLOBAL batch per optimizer step, over all processes and accumulation steps")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the EMA weights that sampling uses")
     p.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null label (classifier-free guidance)")
     p.add_argument("--flow-shift", type=float, default=1.0, help="SD3 shift of the training sigmas")
-    p.add_argument("--sigma-sampling", default="logit_normal", choices=["logit_normal", "uniform"])
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sigma-sampling", default="logit_normal", choices=["logit_normal", "uniform"], help="distribution of the training sigmas")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="accelerate mixed precision")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model init, the data order, noise and label dropout")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between training-state checkpoints")
     p.add_argument("--log-every", type=int, default=20, help="steps between metrics.jsonl lines")
     p.add_argument("--resume", action="store_true", help="require a training state in --out (one is resumed anyway when present)")
@@ -368,8 +368,18 @@ class IslandTrainer:
         self.modality.save_extras(self.unwrapped, out / "raw")
 
 
+def train_island(**options) -> Path:
+    """Python API of `ddm train`: the same options as keyword arguments (`manifest=..., island=0, out=...`), the same
+    defaults and checks, in this process (use `accelerate launch -m ddm.training.train` for several). Returns the
+    expert directory."""
+    args = command_args(add_arguments, **options)
+    run(args)
+    return Path(args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddm.training.train", description="Train one island's expert.")
+    parser = argparse.ArgumentParser(prog="python -m ddm.training.train", description="Train one island's expert.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     return run_reporting_usage_errors(run, parser.parse_args(argv))
 
