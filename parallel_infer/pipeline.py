@@ -47,10 +47,6 @@ def guide(prediction: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
 
-def _set_cache(adapter: WanAdapter, cfg: DualParalConfig, item: WorkItem) -> None:
-    adapter.set_cache_flags(use=cfg.feature_cache and not item.first_in_iteration, store=cfg.feature_cache and not item.last_in_iteration)
-
-
 @torch.inference_mode()
 def run_reference(adapter: WanAdapter, cfg: DualParalConfig, prompt_embeds: torch.Tensor, on_block: BlockCallback, scheduler_config=None) -> None:
     """The schedule of DESIGN.md section 3 as a plain loop in one process."""
@@ -60,7 +56,7 @@ def run_reference(adapter: WanAdapter, cfg: DualParalConfig, prompt_embeds: torc
     for item in work_items(cfg):
         if item.step == 0:
             queue.enter(item.block)
-        _set_cache(adapter, cfg, item)
+        adapter.cache.prepare(item, cfg.feature_cache)
         step = cond.steps[item.step]
         hidden = adapter.embed(queue.model_input(item.block), cond.batch)
         for i in range(adapter.num_layers):
@@ -159,7 +155,7 @@ def run_pipeline(
     num_items = cfg.num_blocks * cfg.steps  # the schedule is a generator: nothing grows with the video
     incoming = None if first else links.recv(new_hidden(), rank - 1)
     for index, item in enumerate(work_items(cfg)):
-        _set_cache(adapter, cfg, item)
+        adapter.cache.prepare(item, cfg.feature_cache)
         step = cond.steps[item.step]
         if first:
             settle(item)

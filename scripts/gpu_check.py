@@ -119,9 +119,9 @@ def main() -> None:
             hidden = adapter.run_block(i, hidden, cond.text, step)
         return adapter.head(hidden, step, args.block)
 
-    adapter.set_cache_flags(use=False, store=True)
+    adapter.cache.use, adapter.cache.store = False, True
     block_step()
-    adapter.set_cache_flags(use=True, store=True)
+    adapter.cache.use, adapter.cache.store = True, True
     seconds, peak = timed(block_step, device, args.repeats)
     tokens = window * tokens_per_frame
     flops = forward_flops(cfg, tokens, tokens + args.cat * tokens_per_frame, text_tokens, 2)
@@ -130,7 +130,7 @@ def main() -> None:
     rows.append(block_row)
 
     # Full sequence at growing lengths, and what block-wise costs per denoising step of the same video.
-    adapter.set_cache_flags(use=False, store=False)  # the cached processor is then Wan's own attention
+    adapter.cache.use, adapter.cache.store = False, False  # the cached processor is then Wan's own attention
     for frames in lengths:
         x = torch.randn(2, cfg["in_channels"], frames, height, width, device=device, dtype=dtype)
         t = torch.full((2,), 500.0, device=device)
