@@ -1,4 +1,4 @@
-"""DualParal settings, their validation, and the frame layout they imply (DESIGN.md section 3).
+"""DualParal settings, their validation, and the frame layout they imply (docs/design.md §3).
 
 Everything here is checked before any model loads or any process starts, so a bad value costs nothing.
 """
@@ -71,14 +71,3 @@ def latent_frames_covering(frames: int, block: int, cat: int) -> int:
     n = max(0, -(-(frames - block - cat) // block))
     return block + cat + n * block
 
-
-def split_layers(num_layers: int, world_size: int) -> list[range]:
-    """Contiguous layer ranges per rank, the remainder on the lowest ranks (30 on 4 ranks -> 8/8/7/7)."""
-    if world_size <= 0:
-        raise UsageError(f"the number of ranks must be positive, got {world_size}")
-    if world_size > num_layers:
-        raise UsageError(f"{world_size} ranks but the model has only {num_layers} layers: use at most {num_layers} ranks")
-    base, rest = divmod(num_layers, world_size)
-    sizes = [base + (r < rest) for r in range(world_size)]
-    starts = [sum(sizes[:r]) for r in range(world_size)]
-    return [range(s, s + n) for s, n in zip(starts, sizes)]

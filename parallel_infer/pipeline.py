@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from parallel_infer.config import DualParalConfig, split_layers
+from parallel_infer.config import DualParalConfig
+from parallel_infer.layer_split import split_layers
 from parallel_infer.queue import BlockQueue, WorkItem, make_scheduler, own_frames, work_items
 from parallel_infer.wan_adapter import WanAdapter
 

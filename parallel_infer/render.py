@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 
 from ddm import UsageError
-from parallel_infer.config import DualParalConfig, latent_frames_covering, split_layers
+from parallel_infer.config import DualParalConfig, latent_frames_covering
+from parallel_infer.layer_split import split_layers
 from parallel_infer.loader import ModelInfo, VideoModel
 from parallel_infer.pipeline import run_pipeline
 from parallel_infer.stream import FrameDecoder, Mp4Stream

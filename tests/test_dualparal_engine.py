@@ -7,7 +7,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ddm import UsageError
-from parallel_infer.config import DualParalConfig, split_layers
+from parallel_infer.config import DualParalConfig
+from parallel_infer.layer_split import split_layers
 from parallel_infer.pipeline import guide, run_reference
 from parallel_infer.queue import NoiseSource, work_items
 from parallel_infer.tiny import tiny_transformer
