@@ -1,4 +1,4 @@
-"""The DualParal block queue (DESIGN.md section 3): the schedule every rank follows, and rank 0's state.
+"""The DualParal block queue (docs/design.md §3): the schedule every rank follows, and rank 0's state.
 
 Blocks enter one per iteration as pure noise; every queued block takes ONE step per iteration, newest
 (noisiest) first; a block leaves after its last step. Block 0 carries block + cat frames, so the model
@@ -13,6 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from parallel_infer.config import DualParalConfig
+from parallel_infer.noise import NoiseSource
 
 
 @dataclass(frozen=True)
@@ -43,32 +44,6 @@ def make_scheduler(cfg: DualParalConfig, scheduler_config: dict | None = None) -
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config or {}, shift=cfg.flow_shift)
     scheduler.set_timesteps(cfg.steps)
     return scheduler
-
-
-class NoiseSource:
-    """Initial noise per block, drawn in block order from `seed` on the CPU (the same on every device).
-
-    Coordinated (FreeNoise-style shuffled reuse): one pool of block + cat frames; block 0 takes it whole;
-    for each next block the pool becomes [its last cat frames | a permutation of the other block frames]
-    and the block takes the last `block` frames, so every [context | block] window permutes the same noise.
-    """
-
-    def __init__(self, cfg: DualParalConfig, shape: tuple[int, int, int]):
-        self.cfg, self.shape = cfg, shape
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.pool = None
-
-    def next_block(self) -> torch.Tensor:
-        """[1, C, frames, H, W] float32 noise for the next block."""
-        cfg, (c, h, w) = self.cfg, self.shape
-        if self.pool is None:
-            self.pool = torch.randn(1, c, cfg.block + cfg.cat, h, w, generator=self.generator)
-            return self.pool
-        if not cfg.coordinated_noise:
-            return torch.randn(1, c, cfg.block, h, w, generator=self.generator)
-        perm = torch.randperm(cfg.block, generator=self.generator)
-        self.pool = torch.cat([self.pool[:, :, cfg.block :], self.pool[:, :, perm]], dim=2)
-        return self.pool[:, :, cfg.cat :]
 
 
 class BlockQueue:
