@@ -2,7 +2,7 @@
 
 Two timeouts. Joining the group and loading the model may take minutes (imports, weights, a text encoder),
 so the group's own timeout, which `ready()` waits under, is at least STARTUP_TIMEOUT. Once every rank is
-ready, each wait in pipeline.py has the user's `timeout`: a rank that dies or hangs while rendering makes
+ready, each wait in the layer pipeline (layer_pipeline.py) has the user's `timeout`: a rank that dies or hangs while rendering makes
 the others raise within it instead of waiting forever.
 """
 from __future__ import annotations

@@ -49,7 +49,7 @@ def make_scheduler(cfg: DualParalConfig, scheduler_config: dict | None = None) -
 class BlockQueue:
     """Rank 0's state: the latents and one scheduler per queued block.
 
-    `model_input(b)` reads block b-1 as it stands after the previous iteration, which holds in the pipeline
+    `model_input(b)` reads block b-1 as it stands after the previous iteration, which holds in the layer pipeline
     too because rank 0 applies every prediction before it embeds a block that depends on it.
     """
 

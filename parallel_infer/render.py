@@ -19,7 +19,7 @@ from ddm import UsageError
 from parallel_infer.config import DualParalConfig, latent_frames_covering
 from parallel_infer.layer_split import split_layers
 from parallel_infer.loader import ModelInfo, VideoModel
-from parallel_infer.pipeline import run_pipeline
+from parallel_infer.layer_pipeline import run_layer_pipeline
 from parallel_infer.stream import FrameDecoder, Mp4Stream
 from parallel_infer.wan_adapter import WanAdapter
 
@@ -141,7 +141,7 @@ class Renderer:
                 progress(block + 1, cfg.num_blocks)
 
         try:
-            total_bytes = run_pipeline(self.adapter, cfg, embeds, on_block if out else None, self.model.scheduler_config, self.timeout)
+            total_bytes = run_layer_pipeline(self.adapter, cfg, embeds, on_block if out else None, self.model.scheduler_config, self.timeout)
             if stream is not None:
                 stream.close()
         except BaseException:

@@ -52,16 +52,16 @@ def timed(fn, device, repeats: int) -> tuple[float, float]:
 
 
 def exactness_on(device: torch.device, dtype: torch.dtype) -> bool:
-    """The one-rank pipeline against the reference on this device and dtype (a tiny model): bit for bit."""
+    """The one-rank layer pipeline against the reference on this device and dtype (a tiny model): bit for bit."""
     from parallel_infer.config import DualParalConfig
-    from parallel_infer.pipeline import run_pipeline, run_reference
+    from parallel_infer.layer_pipeline import run_layer_pipeline, run_reference
     from parallel_infer.tiny import tiny_transformer
     from parallel_infer.wan_adapter import WanAdapter
 
     cfg = DualParalConfig(frames=6 + 4 * 4, steps=4, block=4, cat=2, cfg=4.0)
     text = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1)).to(device)
     outputs = []
-    for run in (run_reference, run_pipeline):
+    for run in (run_reference, run_layer_pipeline):
         torch.manual_seed(0)
         adapter = WanAdapter(tiny_transformer(5).to(device, dtype), 6, 2, 8, 8)
         finals = []
@@ -74,7 +74,7 @@ def main() -> None:
     from diffusers import WanTransformer3DModel
 
     from parallel_infer.config import DualParalConfig
-    from parallel_infer.pipeline import Conditioning
+    from parallel_infer.layer_pipeline import Conditioning
     from parallel_infer.wan_adapter import WanAdapter
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -160,10 +160,10 @@ def main() -> None:
         extra = f"{r['blockwise_step_seconds']:>17.3f}" if "blockwise_step_seconds" in r else f"{'':>17}"
         print(f"{r['mode']:<14} {r['latent_frames']:>8} {r['tokens']:>8} {r['seconds']:>10.3f} {r['peak_gib']:>9.2f} {r['tflops']:>8.1f} {extra}")
     exact = exactness_on(device, dtype)
-    print(f"pipeline (1 rank) == reference on {device.type} {dtype}: {exact}")
+    print(f"layer pipeline (1 rank) == reference on {device.type} {dtype}: {exact}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "params": params, "rows": rows, "pipeline_equals_reference": exact}, f, indent=2)
+            json.dump({"device": name, "params": params, "rows": rows, "layer_pipeline_equals_reference": exact}, f, indent=2)
 
 
 if __name__ == "__main__":

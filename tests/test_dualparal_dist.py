@@ -1,4 +1,4 @@
-"""DualParal across real processes: N-rank pipelines equal the single-process reference bit for bit, and a
+"""DualParal across real processes: N-rank layer pipelines equal the single-process reference bit for bit, and a
 dead or hung rank makes the others exit with a clear error instead of hanging.
 
 Ranks are forked (real processes with their own gloo process group; fork spares each one the ~6 s import
@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from parallel_infer.config import DualParalConfig
-from parallel_infer.pipeline import PeerFailure, run_pipeline, run_reference
+from parallel_infer.layer_pipeline import PeerFailure, run_layer_pipeline, run_reference
 from parallel_infer.tiny import tiny_transformer
 from parallel_infer.wan_adapter import WanAdapter
 
@@ -49,7 +49,7 @@ def _rank(rank, world, store, out, cfg_dict, timeout, started):
             finals[str(b)] = latent
             started.set()
 
-        total = run_pipeline(make_adapter(cfg), cfg, prompt_embeds(), on_block, timeout=timeout)
+        total = run_layer_pipeline(make_adapter(cfg), cfg, prompt_embeds(), on_block, timeout=timeout)
         if rank == 0:
             save_file({**finals, "bytes": torch.tensor([total])}, out)
     except PeerFailure as e:
@@ -77,7 +77,7 @@ def reference():
     return finals
 
 
-def test_pipeline_equals_reference_bit_for_bit(reference, tmp_path):
+def test_layer_pipeline_equals_reference_bit_for_bit(reference, tmp_path):
     runs = {world: start_ranks(world, tmp_path) for world in (1, 2, 3)}  # all at once: they share 2 cores
     for world, (procs, out, _) in runs.items():
         for p in procs:

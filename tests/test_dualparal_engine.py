@@ -9,7 +9,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from ddm import UsageError
 from parallel_infer.config import DualParalConfig
 from parallel_infer.layer_split import split_layers
-from parallel_infer.pipeline import guide, run_reference
+from parallel_infer.layer_pipeline import guide, run_reference
 from parallel_infer.noise import NoiseSource
 from parallel_infer.queue import work_items
 from parallel_infer.tiny import tiny_transformer

@@ -1,10 +1,12 @@
-"""The DualParal engine: block-wise denoising over a contiguous layer split across ranks.
+"""The DualParal layer pipeline: block-wise denoising over a contiguous layer split across ranks.
 
-Rank 0 embeds and owns the queue; each rank runs its own layers (with its own feature cache) and passes one
-block's hidden states to the next rank with asynchronous point-to-point sends; the last rank runs the head,
-applies guidance and sends the block's prediction back to rank 0. Conditioning is computed on every rank.
-`run_reference` computes the same schedule in one process with no torch.distributed; on the same device
-and dtype, `run_pipeline` with any number of ranks gives the same latents bit for bit.
+"Layer pipeline" means the model's layers run as pipeline stages, one contiguous group per rank (not a
+diffusers sampling pipeline such as router/pipeline.py). Rank 0 embeds and owns the queue; each rank runs
+its own layers (with its own feature cache) and passes one block's hidden states to the next rank with
+asynchronous point-to-point sends; the last rank runs the head, applies guidance and sends the block's
+prediction back to rank 0. Conditioning is computed on every rank. `run_reference` computes the same
+schedule in one process with no torch.distributed; on the same device and dtype, `run_layer_pipeline` with
+any number of ranks gives the same latents bit for bit.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def guide(prediction: torch.Tensor, scale: float) -> torch.Tensor:
 
 @torch.inference_mode()
 def run_reference(adapter: WanAdapter, cfg: DualParalConfig, prompt_embeds: torch.Tensor, on_block: BlockCallback, scheduler_config=None) -> None:
-    """The schedule of DESIGN.md section 3 as a plain loop in one process."""
+    """The schedule of docs/design.md §3 as a plain loop in one process: what the layer pipeline must equal."""
     cond = Conditioning(adapter, cfg, prompt_embeds, scheduler_config)
     queue = BlockQueue(cfg, (adapter.channels, *adapter.latent_size), scheduler_config, adapter.device)
     adapter.install_feature_cache(range(adapter.num_layers))
@@ -112,7 +114,7 @@ class _Links:
 
 
 @torch.inference_mode()
-def run_pipeline(
+def run_layer_pipeline(
     adapter: WanAdapter,
     cfg: DualParalConfig,
     prompt_embeds: torch.Tensor,
@@ -120,7 +122,7 @@ def run_pipeline(
     scheduler_config=None,
     timeout: float = 60.0,
 ) -> int:
-    """This rank's part of the pipeline (torch.distributed initialised, or one process when it is not).
+    """This rank's stage of the layer pipeline (torch.distributed initialised, or one process when it is not).
 
     `on_block` is called on rank 0 as each block leaves the queue. Returns the bytes all ranks sent.
     """
