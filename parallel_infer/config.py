@@ -15,7 +15,7 @@ class DualParalConfig:
     steps: int = 50
     block: int = 8
     cat: int = 4
-    cfg: float = 5.0  # guidance scale; 1.0 runs the conditional branch alone
+    guidance_scale: float = 5.0  # classifier-free guidance (--cfg); 1.0 runs the conditional branch alone
     flow_shift: float = 3.0
     seed: int = 0
     feature_cache: bool = True  # False: blocks do not attend to the next block's keys/values (ablation)
@@ -28,8 +28,8 @@ class DualParalConfig:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
         if self.cat >= self.block:
             raise UsageError(f"context size cat={self.cat} must be smaller than the block size block={self.block}")
-        if not self.cfg > 0:
-            raise UsageError(f"guidance scale cfg must be > 0, got {self.cfg}")
+        if not self.guidance_scale > 0:
+            raise UsageError(f"guidance scale (cfg) must be > 0, got {self.guidance_scale}")
         if not self.flow_shift > 0:
             raise UsageError(f"flow shift must be > 0, got {self.flow_shift}")
         if self.seed < 0:
@@ -51,7 +51,7 @@ class DualParalConfig:
 
     @property
     def guided(self) -> bool:
-        return self.cfg != 1.0
+        return self.guidance_scale != 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)

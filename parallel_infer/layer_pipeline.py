@@ -34,10 +34,10 @@ class PeerFailure(RuntimeError):
 class Conditioning:
     """Text and per-step timestep conditioning of one video, computed once on each rank."""
 
-    def __init__(self, adapter: WanAdapter, cfg: DualParalConfig, prompt_embeds: torch.Tensor, scheduler_config=None):
+    def __init__(self, adapter: WanAdapter, config: DualParalConfig, prompt_embeds: torch.Tensor, scheduler_config=None):
         self.batch = prompt_embeds.shape[0]  # 2 with guidance: [cond, uncond]
         self.text = adapter.encode_text(prompt_embeds)
-        timesteps = make_scheduler(cfg, scheduler_config).timesteps
+        timesteps = make_scheduler(config, scheduler_config).timesteps
         self.steps = [adapter.step_conditioning(t, self.batch) for t in timesteps]
 
 
@@ -51,20 +51,20 @@ def guide(prediction: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def run_reference(adapter: WanAdapter, cfg: DualParalConfig, prompt_embeds: torch.Tensor, on_block: BlockCallback, scheduler_config=None) -> None:
+def run_reference(adapter: WanAdapter, config: DualParalConfig, prompt_embeds: torch.Tensor, on_block: BlockCallback, scheduler_config=None) -> None:
     """The schedule of docs/design.md §3 as a plain loop in one process: what the layer pipeline must equal."""
-    cond = Conditioning(adapter, cfg, prompt_embeds, scheduler_config)
-    queue = BlockQueue(cfg, (adapter.channels, *adapter.latent_size), scheduler_config, adapter.device)
+    cond = Conditioning(adapter, config, prompt_embeds, scheduler_config)
+    queue = BlockQueue(config, (adapter.channels, *adapter.latent_size), scheduler_config, adapter.device)
     adapter.install_feature_cache(range(adapter.num_layers))
-    for item in work_items(cfg):
+    for item in work_items(config):
         if item.step == 0:
             queue.enter(item.block)
-        adapter.cache.prepare(item, cfg.feature_cache)
+        adapter.cache.prepare(item, config.feature_cache)
         step = cond.steps[item.step]
         hidden = adapter.embed(queue.model_input(item.block), cond.batch)
         for i in range(adapter.num_layers):
             hidden = adapter.run_block(i, hidden, cond.text, step)
-        final = queue.apply(item, guide(adapter.head(hidden, step, own_frames(cfg, item.block)), cfg.cfg))
+        final = queue.apply(item, guide(adapter.head(hidden, step, own_frames(config, item.block)), config.guidance_scale))
         if final is not None:
             on_block(item.block, final)
 
@@ -116,7 +116,7 @@ class _Links:
 @torch.inference_mode()
 def run_layer_pipeline(
     adapter: WanAdapter,
-    cfg: DualParalConfig,
+    config: DualParalConfig,
     prompt_embeds: torch.Tensor,
     on_block: BlockCallback | None = None,
     scheduler_config=None,
@@ -130,14 +130,14 @@ def run_layer_pipeline(
     rank = dist.get_rank() if dist.is_initialized() else 0
     layers = split_layers(adapter.num_layers, world)[rank]
     first, last = rank == 0, rank == world - 1
-    cond = Conditioning(adapter, cfg, prompt_embeds, scheduler_config)
+    cond = Conditioning(adapter, config, prompt_embeds, scheduler_config)
     adapter.install_feature_cache(layers)
     links = _Links(rank, timeout)
     hidden_shape = (cond.batch, adapter.window * adapter.tokens_per_frame, adapter.dim)
     channels, (height, width) = adapter.channels, adapter.latent_size
     new_hidden = lambda: torch.empty(hidden_shape, dtype=adapter.dtype, device=adapter.device)  # noqa: E731
 
-    queue = BlockQueue(cfg, (channels, height, width), scheduler_config, adapter.device) if first else None
+    queue = BlockQueue(config, (channels, height, width), scheduler_config, adapter.device) if first else None
     pending: deque = deque()  # rank 0: (item, posted receive of its prediction), in send order
 
     def apply(item: WorkItem, prediction: torch.Tensor) -> None:
@@ -155,10 +155,10 @@ def run_layer_pipeline(
             links.wait(work, peer)
             apply(done, buffer)
 
-    num_items = cfg.num_blocks * cfg.steps  # the schedule is a generator: nothing grows with the video
+    num_items = config.num_blocks * config.steps  # the schedule is a generator: nothing grows with the video
     incoming = None if first else links.recv(new_hidden(), rank - 1)
-    for index, item in enumerate(work_items(cfg)):
-        adapter.cache.prepare(item, cfg.feature_cache)
+    for index, item in enumerate(work_items(config)):
+        adapter.cache.prepare(item, config.feature_cache)
         step = cond.steps[item.step]
         if first:
             settle(item)
@@ -175,11 +175,11 @@ def run_layer_pipeline(
         if not last:
             links.send(hidden, rank + 1)
             if first:
-                frames = own_frames(cfg, item.block)
+                frames = own_frames(config, item.block)
                 buffer = torch.empty(1, channels, frames, height, width, device=adapter.device)
                 pending.append((item, links.recv(buffer, world - 1)))
             continue
-        prediction = guide(adapter.head(hidden, step, own_frames(cfg, item.block)), cfg.cfg)
+        prediction = guide(adapter.head(hidden, step, own_frames(config, item.block)), config.guidance_scale)
         if first:
             apply(item, prediction)
         else:

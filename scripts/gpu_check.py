@@ -58,14 +58,14 @@ def exactness_on(device: torch.device, dtype: torch.dtype) -> bool:
     from parallel_infer.tiny import tiny_transformer
     from parallel_infer.wan_adapter import WanAdapter
 
-    cfg = DualParalConfig(frames=6 + 4 * 4, steps=4, block=4, cat=2, cfg=4.0)
+    config = DualParalConfig(frames=6 + 4 * 4, steps=4, block=4, cat=2, guidance_scale=4.0)
     text = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1)).to(device)
     outputs = []
     for run in (run_reference, run_layer_pipeline):
         torch.manual_seed(0)
         adapter = WanAdapter(tiny_transformer(5).to(device, dtype), 6, 2, 8, 8)
         finals = []
-        run(adapter, cfg, text, lambda b, x: finals.append(x.clone()))
+        run(adapter, config, text, lambda b, x: finals.append(x.clone()))
         outputs.append(torch.cat(finals, dim=2))
     return torch.equal(*outputs)
 
