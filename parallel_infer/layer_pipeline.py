@@ -50,6 +50,18 @@ def guide(prediction: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
 
+def forward_window(adapter: WanAdapter, config: DualParalConfig, cond: Conditioning, item: WorkItem, window: torch.Tensor) -> torch.Tensor:
+    """One work item through every layer in this process: the model input [1, C, block + cat, H, W] of
+    `item.block` -> its guided prediction for the block's own frames, float32 (the feature cache, installed
+    on every layer, is read and filled as `item`'s place in the iteration says)."""
+    adapter.cache.prepare(item, config.feature_cache)
+    step = cond.steps[item.step]
+    hidden = adapter.embed(window, cond.batch)
+    for i in range(adapter.num_layers):
+        hidden = adapter.run_block(i, hidden, cond.text, step)
+    return guide(adapter.head(hidden, step, own_frames(config, item.block)), config.guidance_scale)
+
+
 @torch.inference_mode()
 def run_reference(adapter: WanAdapter, config: DualParalConfig, prompt_embeds: torch.Tensor, on_block: BlockCallback, scheduler_config=None) -> None:
     """The schedule of docs/design.md §3 as a plain loop in one process: what the layer pipeline must equal."""
@@ -59,12 +71,7 @@ def run_reference(adapter: WanAdapter, config: DualParalConfig, prompt_embeds: t
     for item in work_items(config):
         if item.step == 0:
             queue.enter(item.block)
-        adapter.cache.prepare(item, config.feature_cache)
-        step = cond.steps[item.step]
-        hidden = adapter.embed(queue.model_input(item.block), cond.batch)
-        for i in range(adapter.num_layers):
-            hidden = adapter.run_block(i, hidden, cond.text, step)
-        final = queue.apply(item, guide(adapter.head(hidden, step, own_frames(config, item.block)), config.guidance_scale))
+        final = queue.apply(item, forward_window(adapter, config, cond, item, queue.model_input(item.block)))
         if final is not None:
             on_block(item.block, final)
 
