@@ -37,12 +37,12 @@ def prompt_embeds() -> torch.Tensor:
 
 
 def _rank(rank, world, store, out, config_dict, timeout, started):
-    from parallel_infer.distributed import fail, init_with_file
+    from parallel_infer.distributed import fail, join_group
 
     torch.set_num_threads(1)
     config = DualParalConfig(**config_dict)
     try:
-        init_with_file(rank, world, store, timeout)
+        join_group(rank, world, timeout, store)  # a world of one joins no group
         finals = {}
 
         def on_block(b, latent):
@@ -54,7 +54,8 @@ def _rank(rank, world, store, out, config_dict, timeout, started):
             save_file({**finals, "bytes": torch.tensor([total])}, out)
     except PeerFailure as e:
         fail(str(e))
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def start_ranks(world, tmp_path, config=CONFIG, timeout=60.0):

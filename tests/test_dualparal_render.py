@@ -99,6 +99,10 @@ def test_bad_requests_fail_before_any_work(pixel_model, tmp_path):
         render_video(pixel_model, "a cow", out, frames=26, **SMALL)
     with pytest.raises(UsageError, match="'the void' has no precomputed embedding"):  # the unconditional branch
         render_video(pixel_model, "a cat runs", out, frames=26, negative_prompt="the void", **SMALL)
+    with pytest.raises(UsageError, match="threads must be a positive integer, got 0"):  # as the CLI checks them
+        render_video(pixel_model, "a cat runs", out, frames=26, threads=0, **SMALL)
+    with pytest.raises(UsageError, match="timeout must be > 0 seconds, got -1"):
+        render_video(pixel_model, "a cat runs", out, frames=26, timeout=-1, **SMALL)
     assert not any(tmp_path.iterdir())
 
 
@@ -139,6 +143,7 @@ def test_cli_renders_skips_and_refuses(cli, pixel_model, tmp_path, capsys):
     assert "skip" in capsys.readouterr().err and (out / "0000-a-cat-runs.mp4").stat().st_mtime_ns == stamp
     assert cli.main(args(seed=7)) == 2  # same files, other settings: refused, nothing overwritten
     assert "exists with other settings" in capsys.readouterr().err
+    assert cli.main(args(threads=0)) == 2 and "threads must be a positive integer, got 0" in capsys.readouterr().err
     assert cli.main(args(frames=11)) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: 11 latent frames do not fit")
