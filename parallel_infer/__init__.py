@@ -1,5 +1,9 @@
-"""DualParal long-video inference (DESIGN.md section 3): block-wise denoising x a layer pipeline across ranks.
+"""DualParal long-video inference (docs/design.md §3): block-wise denoising x a layer pipeline across ranks.
 
 Entry points: `parallel_infer.api.render_video` (the app, the demo) and `scripts/render_videos.py` (torchrun
-batches). Data flows config -> loader -> wan_adapter + queue -> pipeline -> stream (decode + MP4).
+batches); both run each rank's life through `batch` (check, join, load, render). Data flow:
+  config (settings) -> loader (--model DIR) -> render (plan, per-rank Renderer)
+  -> wan_adapter (embed / blocks / head; installs feature_cache on this rank's layers)
+  + queue (schedule, rank 0's latents; initial noise from noise) -> layer_pipeline (this rank's layers,
+  from layer_split; send/receive) -> stream (decode + MP4).
 """

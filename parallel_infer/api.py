@@ -2,27 +2,19 @@
 
 With ranks > 1 this process is rank 0 (it owns the queue, decodes and writes, and calls the progress
 callback) and N - 1 worker processes are spawned for the other layer groups; they exit with the call.
+Every rank runs `parallel_infer.batch.run_rank`, as the ranks of `scripts/render_videos.py` do.
 """
 from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ddm import UsageError
-from ddm.io import atomic_write_json
-from parallel_infer.distributed import device_for, fail, init_with_file, ready
-from parallel_infer.loader import inspect_model, load_model
-from parallel_infer.render import Progress, Renderer, VideoSettings, check_prompts, plan_video
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+from parallel_infer.batch import Request, Video, check_request, run_rank
+from parallel_infer.render import Progress, VideoSettings
 
 
 def render_video(
@@ -43,36 +35,25 @@ def render_video(
     `settings` are the fields of `VideoSettings` (fps, height, width, steps, block, cat, cfg, flow_shift, seed,
     negative_prompt, feature_cache, coordinated_noise). `progress_callback(blocks_done, blocks)` is called
     as each block is written. `threads` sets torch's thread count in this process and each worker.
-    Every setting is checked (UsageError) before any weight loads or process starts.
+    Every setting is checked (UsageError) before any weight loads or process starts, as the CLI checks it.
     """
-    if timeout <= 0:
-        raise UsageError(f"timeout must be > 0 seconds, got {timeout}")
-    out_path = Path(out_path)
     video = VideoSettings(frames=frames, seconds=seconds, **settings)
-    info = inspect_model(model_dir)
-    plan = plan_video(info, video, ranks)
-    check_prompts(info, plan, video, [prompt])
-    if threads:
-        torch.set_num_threads(threads)
-    start = time.perf_counter()
+    request = check_request(model_dir, video, [Video(prompt, video.seed, Path(out_path))], ranks, timeout, threads)
     workers = store = None
     with tempfile.TemporaryDirectory(prefix="dualparal-") as tmp:
         if ranks > 1:
             store = str(Path(tmp) / "store")
-            args = (ranks, store, str(model_dir), asdict(video), prompt, threads, timeout)
-            workers = mp.start_processes(_worker, args=args, nprocs=ranks - 1, join=False, start_method="spawn")
+            workers = mp.start_processes(_worker, args=(ranks, store, request), nprocs=ranks - 1, join=False, start_method="spawn")
         try:
-            device = init_with_file(0, ranks, store, timeout) if workers else device_for(0)
-            model = load_model(info, device, default_dtype(device))
-            ready()
-            loaded = time.perf_counter()
-            record = Renderer(model, plan, video, timeout).render(prompt, video.seed, out_path, progress_callback)
+            [record] = run_rank(request, 0, ranks, store, exit_on_error=False, progress=progress_callback)
         finally:
             if workers:
                 _finish(workers, timeout)
-    record["timings_s"]["load"] = loaded - start
-    atomic_write_json(out_path.with_suffix(".json"), record)
     return record
+
+
+def _worker(index: int, world: int, store: str, request: Request) -> None:
+    run_rank(request, index + 1, world, store, exit_on_error=True)
 
 
 def _finish(workers, timeout: float) -> None:
@@ -85,19 +66,3 @@ def _finish(workers, timeout: float) -> None:
         if p.is_alive():
             p.kill()
             p.join()
-
-
-def _worker(index: int, world: int, store: str, model_dir: str, settings: dict, prompt: str, threads, timeout: float) -> None:
-    rank = index + 1
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        video = VideoSettings(**settings)
-        info = inspect_model(model_dir)
-        device = init_with_file(rank, world, store, timeout)
-        model = load_model(info, device, default_dtype(device), load_vae=False)
-        ready()
-        Renderer(model, plan_video(info, video, world), video, timeout).render(prompt, video.seed, None)
-        dist.destroy_process_group()
-    except Exception as e:  # one line, then leave: the peers see the broken link within their timeout
-        fail(f"rank {rank}: {e}", 2 if isinstance(e, UsageError) else 1)

@@ -1,4 +1,4 @@
-"""DualParal settings, their validation, and the frame layout they imply (DESIGN.md section 3).
+"""DualParal settings, their validation, and the frame layout they imply (docs/design.md §3).
 
 Everything here is checked before any model loads or any process starts, so a bad value costs nothing.
 """
@@ -15,7 +15,7 @@ class DualParalConfig:
     steps: int = 50
     block: int = 8
     cat: int = 4
-    cfg: float = 5.0  # guidance scale; 1.0 runs the conditional branch alone
+    guidance_scale: float = 5.0  # classifier-free guidance (--cfg); 1.0 runs the conditional branch alone
     flow_shift: float = 3.0
     seed: int = 0
     feature_cache: bool = True  # False: blocks do not attend to the next block's keys/values (ablation)
@@ -28,8 +28,8 @@ class DualParalConfig:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
         if self.cat >= self.block:
             raise UsageError(f"context size cat={self.cat} must be smaller than the block size block={self.block}")
-        if not self.cfg > 0:
-            raise UsageError(f"guidance scale cfg must be > 0, got {self.cfg}")
+        if not self.guidance_scale > 0:
+            raise UsageError(f"guidance scale (cfg) must be > 0, got {self.guidance_scale}")
         if not self.flow_shift > 0:
             raise UsageError(f"flow shift must be > 0, got {self.flow_shift}")
         if self.seed < 0:
@@ -51,7 +51,7 @@ class DualParalConfig:
 
     @property
     def guided(self) -> bool:
-        return self.cfg != 1.0
+        return self.guidance_scale != 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,14 +71,3 @@ def latent_frames_covering(frames: int, block: int, cat: int) -> int:
     n = max(0, -(-(frames - block - cat) // block))
     return block + cat + n * block
 
-
-def split_layers(num_layers: int, world_size: int) -> list[range]:
-    """Contiguous layer ranges per rank, the remainder on the lowest ranks (30 on 4 ranks -> 8/8/7/7)."""
-    if world_size <= 0:
-        raise UsageError(f"the number of ranks must be positive, got {world_size}")
-    if world_size > num_layers:
-        raise UsageError(f"{world_size} ranks but the model has only {num_layers} layers: use at most {num_layers} ranks")
-    base, rest = divmod(num_layers, world_size)
-    sizes = [base + (r < rest) for r in range(world_size)]
-    starts = [sum(sizes[:r]) for r in range(world_size)]
-    return [range(s, s + n) for s, n in zip(starts, sizes)]

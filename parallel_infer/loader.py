@@ -5,7 +5,8 @@
       vae/                       AutoencoderKLWan; absent = pixel space (channels are pixels in [-1, 1])
       text_encoder/ + tokenizer/ UMT5EncoderModel + its tokenizer, or instead
       prompt_embeds.safetensors  precomputed embeddings: tensor "i" [L, D] is the embedding of line i of
-      prompts.json               (a JSON list of prompt strings); "" there is the unconditional prompt
+      prompts.json               (a JSON list of prompt strings); "" there is the unconditional prompt;
+                                 L <= 512 (zero-padded to 512 as UMT5's), D = the transformer's text_dim
       scheduler/                 optional; its shift (or flow_shift) is the default flow shift
 (b) One of our video expert directories: expert.json (model_class WanTransformer3DModel, EMA weights at the
     top, read by ddm.models.experts.load_expert) and prompt_encoder/ (ddm.models.prompt_encoder.PromptEncoder).
@@ -113,6 +114,7 @@ def inspect_model(path: str | Path) -> ModelInfo:
         prompts = "text_encoder/ + tokenizer/"
     elif (path / "prompt_embeds.safetensors").is_file() and (path / "prompts.json").is_file():
         prompts, known = "prompt_embeds.safetensors", _read_prompt_list(path)
+        _check_embedding_shapes(path, known, config["text_dim"])
     else:
         raise UsageError(f"{path}: no prompt encoder: need text_encoder/ + tokenizer/, or prompt_embeds.safetensors + prompts.json")
     if vae is None and config["in_channels"] not in (1, 3):
@@ -187,7 +189,30 @@ def _read_prompt_list(path: Path) -> list[str]:
     return prompts
 
 
+def _check_embedding_shapes(path: Path, prompts: list[str], text_dim: int) -> None:
+    """Every line of prompts.json has a tensor [L <= TEXT_TOKENS, text_dim], read from the file's header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    file = path / "prompt_embeds.safetensors"
+    try:
+        with safe_open(file, framework="pt") as f:
+            shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise UsageError(f"cannot read {file}: {e}") from None
+    for i, prompt in enumerate(prompts):
+        shape = shapes.get(str(i))
+        if shape is None:
+            raise UsageError(f"{file}: no tensor '{i}' for line {i} ({prompt!r}) of prompts.json")
+        if len(shape) != 2:
+            raise UsageError(f"{file}: tensor '{i}' is {list(shape)}: expected [L, D] (tokens, text width)")
+        if shape[1] != text_dim:
+            raise UsageError(f"{file}: tensor '{i}' is {list(shape)}: width {shape[1]}, but the transformer's text_dim is {text_dim}")
+        if shape[0] > TEXT_TOKENS:
+            raise UsageError(f"{file}: tensor '{i}' has {shape[0]} tokens, more than Wan's {TEXT_TOKENS}")
+
+
 def _precomputed_embeddings(path: Path) -> Callable[[list[str]], torch.Tensor]:
+    """As the UMT5 path: each [L, D] embedding padded with zeros to TEXT_TOKENS, so prompts of any length batch."""
     from safetensors.torch import load_file
 
     prompts = _read_prompt_list(path)
@@ -198,6 +223,10 @@ def _precomputed_embeddings(path: Path) -> Callable[[list[str]], torch.Tensor]:
         missing = [p for p in requested if p not in index]
         if missing:
             raise UsageError(f"prompt {missing[0]!r} has no precomputed embedding in {path / 'prompts.json'}")
-        return torch.stack([tensors[str(index[p])] for p in requested])
+        chosen = [tensors[str(index[p])] for p in requested]
+        out = chosen[0].new_zeros(len(chosen), TEXT_TOKENS, chosen[0].shape[1])
+        for row, embedding in zip(out, chosen):
+            row[: len(embedding)] = embedding
+        return out
 
     return encode

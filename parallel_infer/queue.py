@@ -1,4 +1,4 @@
-"""The DualParal block queue (DESIGN.md section 3): the schedule every rank follows, and rank 0's state.
+"""The DualParal block queue (docs/design.md §3): the schedule every rank follows, and rank 0's state.
 
 Blocks enter one per iteration as pure noise; every queued block takes ONE step per iteration, newest
 (noisiest) first; a block leaves after its last step. Block 0 carries block + cat frames, so the model
@@ -13,6 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from parallel_infer.config import DualParalConfig
+from parallel_infer.noise import NoiseSource
 
 
 @dataclass(frozen=True)
@@ -26,61 +27,35 @@ class WorkItem:
     last_in_iteration: bool  # oldest queued block: nobody after it reads what it would cache
 
 
-def work_items(cfg: DualParalConfig) -> Iterator[WorkItem]:
+def work_items(config: DualParalConfig) -> Iterator[WorkItem]:
     """The order of forwards, the same on every rank."""
-    for it in range(cfg.num_iterations):
-        newest, oldest = min(it, cfg.num_blocks - 1), max(0, it - cfg.steps + 1)
+    for it in range(config.num_iterations):
+        newest, oldest = min(it, config.num_blocks - 1), max(0, it - config.steps + 1)
         for b in range(newest, oldest - 1, -1):
             yield WorkItem(it, b, it - b, b == newest, b == oldest)
 
 
-def own_frames(cfg: DualParalConfig, block: int) -> int:
+def own_frames(config: DualParalConfig, block: int) -> int:
     """Frames a block denoises (the model input also holds cat context frames, except for block 0)."""
-    return cfg.block + cfg.cat if block == 0 else cfg.block
+    return config.block + config.cat if block == 0 else config.block
 
 
-def make_scheduler(cfg: DualParalConfig, scheduler_config: dict | None = None) -> FlowMatchEulerDiscreteScheduler:
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config or {}, shift=cfg.flow_shift)
-    scheduler.set_timesteps(cfg.steps)
+def make_scheduler(config: DualParalConfig, scheduler_config: dict | None = None) -> FlowMatchEulerDiscreteScheduler:
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config or {}, shift=config.flow_shift)
+    scheduler.set_timesteps(config.steps)
     return scheduler
-
-
-class NoiseSource:
-    """Initial noise per block, drawn in block order from `seed` on the CPU (the same on every device).
-
-    Coordinated (FreeNoise-style shuffled reuse): one pool of block + cat frames; block 0 takes it whole;
-    for each next block the pool becomes [its last cat frames | a permutation of the other block frames]
-    and the block takes the last `block` frames, so every [context | block] window permutes the same noise.
-    """
-
-    def __init__(self, cfg: DualParalConfig, shape: tuple[int, int, int]):
-        self.cfg, self.shape = cfg, shape
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.pool = None
-
-    def next_block(self) -> torch.Tensor:
-        """[1, C, frames, H, W] float32 noise for the next block."""
-        cfg, (c, h, w) = self.cfg, self.shape
-        if self.pool is None:
-            self.pool = torch.randn(1, c, cfg.block + cfg.cat, h, w, generator=self.generator)
-            return self.pool
-        if not cfg.coordinated_noise:
-            return torch.randn(1, c, cfg.block, h, w, generator=self.generator)
-        perm = torch.randperm(cfg.block, generator=self.generator)
-        self.pool = torch.cat([self.pool[:, :, cfg.block :], self.pool[:, :, perm]], dim=2)
-        return self.pool[:, :, cfg.cat :]
 
 
 class BlockQueue:
     """Rank 0's state: the latents and one scheduler per queued block.
 
-    `model_input(b)` reads block b-1 as it stands after the previous iteration, which holds in the pipeline
+    `model_input(b)` reads block b-1 as it stands after the previous iteration, which holds in the layer pipeline
     too because rank 0 applies every prediction before it embeds a block that depends on it.
     """
 
-    def __init__(self, cfg: DualParalConfig, shape: tuple[int, int, int], scheduler_config: dict | None = None, device=None):
-        self.cfg, self.device = cfg, device
-        self.noise = NoiseSource(cfg, shape)
+    def __init__(self, config: DualParalConfig, shape: tuple[int, int, int], scheduler_config: dict | None = None, device=None):
+        self.config, self.device = config, device
+        self.noise = NoiseSource(config, shape)
         self.scheduler_config = scheduler_config
         self.latents: dict[int, torch.Tensor] = {}
         self.schedulers: dict[int, FlowMatchEulerDiscreteScheduler] = {}
@@ -88,13 +63,13 @@ class BlockQueue:
 
     def enter(self, block: int) -> None:
         self.latents[block] = self.noise.next_block().to(self.device)
-        self.schedulers[block] = make_scheduler(self.cfg, self.scheduler_config)
+        self.schedulers[block] = make_scheduler(self.config, self.scheduler_config)
 
     def model_input(self, block: int) -> torch.Tensor:
         if block == 0:
             return self.latents[0]
         prev = self.latents.get(block - 1)
-        context = prev[:, :, -self.cfg.cat :] if prev is not None else self.finished_context
+        context = prev[:, :, -self.config.cat :] if prev is not None else self.finished_context
         return torch.cat([context, self.latents[block]], dim=2)
 
     def apply(self, item: WorkItem, prediction: torch.Tensor) -> torch.Tensor | None:
@@ -102,9 +77,9 @@ class BlockQueue:
         b = item.block
         scheduler = self.schedulers[b]
         latent = scheduler.step(prediction, scheduler.timesteps[item.step], self.latents[b], return_dict=False)[0]
-        if item.step < self.cfg.steps - 1:
+        if item.step < self.config.steps - 1:
             self.latents[b] = latent
             return None
         del self.latents[b], self.schedulers[b]
-        self.finished_context = latent[:, :, -self.cfg.cat :]
+        self.finished_context = latent[:, :, -self.config.cat :]
         return latent

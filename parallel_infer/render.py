@@ -16,9 +16,10 @@ from typing import Callable
 import torch
 
 from ddm import UsageError
-from parallel_infer.config import DualParalConfig, latent_frames_covering, split_layers
+from parallel_infer.config import DualParalConfig, latent_frames_covering
+from parallel_infer.layer_split import split_layers
 from parallel_infer.loader import ModelInfo, VideoModel
-from parallel_infer.pipeline import run_pipeline
+from parallel_infer.layer_pipeline import run_layer_pipeline
 from parallel_infer.stream import FrameDecoder, Mp4Stream
 from parallel_infer.wan_adapter import WanAdapter
 
@@ -37,7 +38,7 @@ class VideoSettings:
     steps: int = 50
     block: int = 8  # latent frames
     cat: int = 4
-    cfg: float = 5.0
+    cfg: float = 5.0  # classifier-free guidance scale (--cfg), DualParalConfig.guidance_scale
     flow_shift: float | None = None  # None = the model's default
     seed: int = 0
     negative_prompt: str = ""
@@ -57,30 +58,30 @@ class Plan:
         return {**self.config.to_dict(), "video_frames": self.frames, "height": self.height, "width": self.width}
 
 
-def plan_video(info: ModelInfo, s: VideoSettings, ranks: int = 1) -> Plan:
+def plan_video(info: ModelInfo, settings: VideoSettings, ranks: int = 1) -> Plan:
     """Check every setting against the model (JSON only) and fix the latent layout."""
-    if (s.frames is None) == (s.seconds is None):
+    if (settings.frames is None) == (settings.seconds is None):
         raise UsageError("give exactly one of --frames or --seconds")
-    if not isinstance(s.fps, int) or s.fps <= 0:
-        raise UsageError(f"fps must be a positive integer, got {s.fps!r}")
+    if not isinstance(settings.fps, int) or settings.fps <= 0:
+        raise UsageError(f"fps must be a positive integer, got {settings.fps!r}")
     split_layers(info.num_layers, ranks)
-    height, width = s.height or info.size[0], s.width or info.size[1]
+    height, width = settings.height or info.size[0], settings.width or info.size[1]
     latent_size = info.latent_size(height, width)
-    if s.seconds is not None:
-        if not s.seconds > 0:
-            raise UsageError(f"seconds must be > 0, got {s.seconds}")
-        frames = max(1, round(s.seconds * s.fps))
+    if settings.seconds is not None:
+        if not settings.seconds > 0:
+            raise UsageError(f"seconds must be > 0, got {settings.seconds}")
+        frames = max(1, round(settings.seconds * settings.fps))
         scale = info.temporal_scale
         wanted_latent = frames if scale == 1 else math.ceil((frames - 1) / scale) + 1
-        latent = latent_frames_covering(wanted_latent, s.block, s.cat) if s.block > 0 else wanted_latent
+        latent = latent_frames_covering(wanted_latent, settings.block, settings.cat) if settings.block > 0 else wanted_latent
     else:
-        if not isinstance(s.frames, int) or s.frames <= 0:
-            raise UsageError(f"frames must be a positive integer, got {s.frames!r}")
-        frames, latent = s.frames, info.latent_frames(s.frames)
+        if not isinstance(settings.frames, int) or settings.frames <= 0:
+            raise UsageError(f"frames must be a positive integer, got {settings.frames!r}")
+        frames, latent = settings.frames, info.latent_frames(settings.frames)
     config = DualParalConfig(
-        frames=latent, steps=s.steps, block=s.block, cat=s.cat, cfg=s.cfg,
-        flow_shift=info.flow_shift if s.flow_shift is None else s.flow_shift, seed=s.seed,
-        feature_cache=s.feature_cache, coordinated_noise=s.coordinated_noise,
+        frames=latent, steps=settings.steps, block=settings.block, cat=settings.cat, guidance_scale=settings.cfg,
+        flow_shift=info.flow_shift if settings.flow_shift is None else settings.flow_shift, seed=settings.seed,
+        feature_cache=settings.feature_cache, coordinated_noise=settings.coordinated_noise,
     )
     return Plan(config, frames, height, width, latent_size)
 
@@ -115,14 +116,14 @@ class Renderer:
 
     def __init__(self, model: VideoModel, plan: Plan, settings: VideoSettings, timeout: float = 60.0):
         self.model, self.plan, self.settings, self.timeout = model, plan, settings, timeout
-        cfg = plan.config
-        self.adapter = WanAdapter(model.transformer, cfg.block + cfg.cat, cfg.cat, *plan.latent_size)
+        config = plan.config
+        self.adapter = WanAdapter(model.transformer, config.block + config.cat, config.cat, *plan.latent_size)
 
     def render(self, prompt: str, seed: int, out: Path | None, progress: Progress | None = None) -> dict | None:
         """Render on every rank; rank 0 (the one given `out`) writes the MP4 and returns the sidecar dict."""
-        cfg = replace(self.plan.config, seed=seed)
+        config = replace(self.plan.config, seed=seed)
         start = time.perf_counter()
-        prompts = [prompt, self.settings.negative_prompt] if cfg.guided else [prompt]
+        prompts = [prompt, self.settings.negative_prompt] if config.guided else [prompt]
         embeds = self.model.encode_prompts(prompts)
         encoded = time.perf_counter()
         decode_seconds = 0.0
@@ -137,10 +138,10 @@ class Renderer:
             stream.write(decoder.decode(latent))
             decode_seconds += time.perf_counter() - t
             if progress is not None:
-                progress(block + 1, cfg.num_blocks)
+                progress(block + 1, config.num_blocks)
 
         try:
-            total_bytes = run_pipeline(self.adapter, cfg, embeds, on_block if out else None, self.model.scheduler_config, self.timeout)
+            total_bytes = run_layer_pipeline(self.adapter, config, embeds, on_block if out else None, self.model.scheduler_config, self.timeout)
             if stream is not None:
                 stream.close()
         except BaseException:
@@ -150,7 +151,7 @@ class Renderer:
         done = time.perf_counter()
         if out is None:
             return None
-        block_steps = cfg.num_blocks * cfg.steps
+        block_steps = config.num_blocks * config.steps
         return {
             "settings": settings_record(self.model.info, self.plan, self.settings, prompt, seed),
             "ranks": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,

@@ -1,10 +1,8 @@
 """The model-specific part of DualParal for diffusers' `WanTransformer3DModel`: embed / blocks / head.
 
-The pipeline sees a model only through this adapter, and reaches inside a block only through the
-self-attention processor below, which implements the feature cache (DESIGN.md section 3): block b also
-attends to the keys/values of the first `cat` frames of block b+1, computed when b+1 ran just before it on
-the same rank, rotated at the frame positions that continue after block b's own window.
-Another video DiT needs only another file like this one.
+The layer pipeline sees a model only through this adapter, and reaches inside a block only through the
+feature cache's self-attention processor (feature_cache.py), which the adapter installs on a rank's layers.
+Another video DiT needs another adapter like this one and its own cached attention processor.
 """
 from __future__ import annotations
 
@@ -12,62 +10,9 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import WanTransformer3DModel
-from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
 from ddm import UsageError
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved rotary embedding, as in diffusers' WanAttnProcessor."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
-
-
-class FeatureCache:
-    """What every cached self-attention processor on one rank reads before each block forward.
-
-    `use`: attend to the keys/values stored by the previous forward (block b+1, same iteration).
-    `store`: keep this forward's keys/values of `store_tokens` for the next forward (block b-1).
-    """
-
-    def __init__(self, store_tokens: slice, context_rotary: tuple[torch.Tensor, torch.Tensor]):
-        self.store_tokens = store_tokens
-        self.context_rotary = context_rotary
-        self.use = False
-        self.store = False
-
-
-class CachedSelfAttnProcessor:
-    """Wan self-attention (text-to-video, no image branch) with the DualParal feature cache."""
-
-    def __init__(self, cache: FeatureCache):
-        self.cache = cache
-        self.key = self.value = None  # block b+1's context keys (already rotated) and values
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        cache = self.cache
-        if cache.store:  # clone: keep only `cat` frames alive, not the whole block's keys
-            stored_key = apply_rotary(key[:, cache.store_tokens], *cache.context_rotary)
-            stored_value = value[:, cache.store_tokens].clone()
-        query = apply_rotary(query, *rotary_emb)
-        key = apply_rotary(key, *rotary_emb)
-        if cache.use:
-            key = torch.cat([key, self.key], dim=1)
-            value = torch.cat([value, self.value], dim=1)
-        if cache.store:
-            self.key, self.value = stored_key, stored_value
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        out = out.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+from parallel_infer.feature_cache import CachedSelfAttnProcessor, FeatureCache
 
 
 @dataclass
@@ -81,7 +26,7 @@ class StepConditioning:
 class WanAdapter:
     """Embed, run and un-embed windows of `window` latent frames of size `height` x `width`.
 
-    The model input of every forward has `window` = block + cat frames (DESIGN.md section 3), so the rotary
+    The model input of every forward has `window` = block + cat frames (docs/design.md §3), so the rotary
     tables are computed once; the cached context frames sit at positions window .. window + cat - 1.
     """
 
@@ -138,9 +83,6 @@ class WanAdapter:
         """Route the self-attention of `layers` (this rank's) through the cached processor."""
         for i in layers:
             self.blocks[i].attn1.set_processor(CachedSelfAttnProcessor(self.cache))
-
-    def set_cache_flags(self, use: bool, store: bool) -> None:
-        self.cache.use, self.cache.store = use, store
 
     def encode_text(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
         """[B, L, text_dim] -> [B, L, dim], once per video (shared by every step)."""

@@ -3,7 +3,7 @@
   python scripts/bench_dualparal.py [--json docs/benchmarks/dualparal.json]
 
 (a) speedup: 2 ranks x 1 thread vs 1 process x 2 threads (equal cores), denoising time of the same video;
-    1 process x 1 thread beside them shows the pipeline's own efficiency (ideal 2x);
+    1 process x 1 thread beside them shows the layer pipeline's own efficiency (ideal 2x);
 (b) traffic: bytes sent between ranks per block-step, measured, beside the formula, and beside what
     DeepSpeed-Ulysses sequence parallelism would move for the same video and ranks;
 (c) memory: peak RSS of one rendering process (1 thread) for videos of 1x, 4x and 16x the frames;

@@ -22,17 +22,17 @@ TINY = dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, num_layers
             freq_dim=16, in_channels=4, out_channels=4, patch_size=(1, 2, 2))
 
 
-def forward_flops(cfg: dict, tokens: int, key_tokens: int, text_tokens: int, batch: int) -> float:
-    """Multiply-adds x 2 of the transformer blocks (embedding and head are negligible)."""
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+def analytic_flops(model_config: dict, tokens: int, key_tokens: int, text_tokens: int, batch: int) -> float:
+    """Multiply-adds x 2 of the transformer blocks, counted from the shapes (embedding and head are negligible)."""
+    d = model_config["num_attention_heads"] * model_config["attention_head_dim"]
     per_layer = (
         8 * tokens * d * d  # self-attention q, k, v, out projections
         + 4 * tokens * key_tokens * d  # scores and weighted values
         + 4 * tokens * d * d + 4 * text_tokens * d * d  # cross-attention q, out; k, v on the text
         + 4 * tokens * text_tokens * d
-        + 4 * tokens * d * cfg["ffn_dim"]  # feed-forward
+        + 4 * tokens * d * model_config["ffn_dim"]  # feed-forward
     )
-    return batch * cfg["num_layers"] * per_layer
+    return batch * model_config["num_layers"] * per_layer
 
 
 def timed(fn, device, repeats: int) -> tuple[float, float]:
@@ -52,20 +52,20 @@ def timed(fn, device, repeats: int) -> tuple[float, float]:
 
 
 def exactness_on(device: torch.device, dtype: torch.dtype) -> bool:
-    """The one-rank pipeline against the reference on this device and dtype (a tiny model): bit for bit."""
+    """The one-rank layer pipeline against the reference on this device and dtype (a tiny model): bit for bit."""
     from parallel_infer.config import DualParalConfig
-    from parallel_infer.pipeline import run_pipeline, run_reference
+    from parallel_infer.layer_pipeline import run_layer_pipeline, run_reference
     from parallel_infer.tiny import tiny_transformer
     from parallel_infer.wan_adapter import WanAdapter
 
-    cfg = DualParalConfig(frames=6 + 4 * 4, steps=4, block=4, cat=2, cfg=4.0)
+    config = DualParalConfig(frames=6 + 4 * 4, steps=4, block=4, cat=2, guidance_scale=4.0)
     text = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1)).to(device)
     outputs = []
-    for run in (run_reference, run_pipeline):
+    for run in (run_reference, run_layer_pipeline):
         torch.manual_seed(0)
         adapter = WanAdapter(tiny_transformer(5).to(device, dtype), 6, 2, 8, 8)
         finals = []
-        run(adapter, cfg, text, lambda b, x: finals.append(x.clone()))
+        run(adapter, config, text, lambda b, x: finals.append(x.clone()))
         outputs.append(torch.cat(finals, dim=2))
     return torch.equal(*outputs)
 
@@ -74,7 +74,8 @@ def main() -> None:
     from diffusers import WanTransformer3DModel
 
     from parallel_infer.config import DualParalConfig
-    from parallel_infer.pipeline import Conditioning
+    from parallel_infer.layer_pipeline import Conditioning, forward_window
+    from parallel_infer.queue import work_items
     from parallel_infer.wan_adapter import WanAdapter
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -88,51 +89,48 @@ def main() -> None:
 
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    cfg = TINY if args.tiny else WAN_1_3B
+    model_config = TINY if args.tiny else WAN_1_3B
     height, width = (8, 8) if args.tiny else (480 // 8, 832 // 8)  # latent size of 480x832
     text_tokens = 8 if args.tiny else 512
     lengths = args.lengths or ([6, 12, 24] if args.tiny else [21, 41, 81, 121])  # 81..481 video frames
     torch.manual_seed(0)
     with torch.device(device):
-        model = WanTransformer3DModel(**cfg, rope_max_seq_len=1024).to(dtype).eval().requires_grad_(False)
+        model = WanTransformer3DModel(**model_config, rope_max_seq_len=1024).to(dtype).eval().requires_grad_(False)
     for name, module in model.named_modules():  # as from_pretrained(torch_dtype=bf16) keeps them
         if any(part in model._keep_in_fp32_modules for part in name.split(".")):
             module.float()
     params = sum(x.numel() for x in model.parameters())
-    text = torch.randn(2, text_tokens, cfg["text_dim"], device=device, dtype=dtype)
+    text = torch.randn(2, text_tokens, model_config["text_dim"], device=device, dtype=dtype)
     tokens_per_frame = (height // 2) * (width // 2)
     rows = []
 
-    # Block-wise: one block-step with the feature cache filled (as for every block but the newest).
+    # Block-wise: one block-step of the middle block of three, in an iteration where all three are queued:
+    # it reads the cache the newest block filled and fills it for the oldest (as every block but those two).
     window = args.block + args.cat
-    dp = DualParalConfig(frames=window, steps=50, block=args.block, cat=args.cat)
+    config = DualParalConfig(frames=window + 2 * args.block, steps=50, block=args.block, cat=args.cat)
     adapter = WanAdapter(model, window, args.cat, height, width)
     adapter.install_feature_cache(range(adapter.num_layers))
-    cond = Conditioning(adapter, dp, text)
-    latents = torch.randn(1, cfg["in_channels"], window, height, width, device=device)
+    cond = Conditioning(adapter, config, text)
+    latents = torch.randn(1, model_config["in_channels"], window, height, width, device=device)
+    newest, middle, _ = (item for item in work_items(config) if item.iteration == 12)
 
     @torch.inference_mode()
     def block_step():
-        step = cond.steps[10]
-        hidden = adapter.embed(latents, 2)
-        for i in range(adapter.num_layers):
-            hidden = adapter.run_block(i, hidden, cond.text, step)
-        return adapter.head(hidden, step, args.block)
+        return forward_window(adapter, config, cond, middle, latents)
 
-    adapter.set_cache_flags(use=False, store=True)
-    block_step()
-    adapter.set_cache_flags(use=True, store=True)
+    with torch.inference_mode():
+        forward_window(adapter, config, cond, newest, latents)  # fills the cache the middle block reads
     seconds, peak = timed(block_step, device, args.repeats)
     tokens = window * tokens_per_frame
-    flops = forward_flops(cfg, tokens, tokens + args.cat * tokens_per_frame, text_tokens, 2)
+    flops = analytic_flops(model_config, tokens, tokens + args.cat * tokens_per_frame, text_tokens, 2)
     block_row = {"mode": "block-step", "latent_frames": window, "tokens": tokens, "seconds": seconds,
                  "peak_gib": peak, "tflops": flops / seconds / 1e12}
     rows.append(block_row)
 
     # Full sequence at growing lengths, and what block-wise costs per denoising step of the same video.
-    adapter.set_cache_flags(use=False, store=False)  # the cached processor is then Wan's own attention
+    adapter.cache.prepare(middle, enabled=False)  # cache off: the cached processor is then Wan's own attention
     for frames in lengths:
-        x = torch.randn(2, cfg["in_channels"], frames, height, width, device=device, dtype=dtype)
+        x = torch.randn(2, model_config["in_channels"], frames, height, width, device=device, dtype=dtype)
         t = torch.full((2,), 500.0, device=device)
 
         @torch.inference_mode()
@@ -143,7 +141,7 @@ def main() -> None:
         try:
             seconds, peak = timed(full, device, 1 if not args.tiny else args.repeats)
             tokens = frames * tokens_per_frame
-            tflops = forward_flops(cfg, tokens, tokens, text_tokens, 2) / seconds / 1e12
+            tflops = analytic_flops(model_config, tokens, tokens, text_tokens, 2) / seconds / 1e12
         except torch.OutOfMemoryError:
             seconds, peak, tflops = float("nan"), float("nan"), float("nan")
         x = None  # free the input before the next length (the closure holds it)
@@ -160,10 +158,10 @@ def main() -> None:
         extra = f"{r['blockwise_step_seconds']:>17.3f}" if "blockwise_step_seconds" in r else f"{'':>17}"
         print(f"{r['mode']:<14} {r['latent_frames']:>8} {r['tokens']:>8} {r['seconds']:>10.3f} {r['peak_gib']:>9.2f} {r['tflops']:>8.1f} {extra}")
     exact = exactness_on(device, dtype)
-    print(f"pipeline (1 rank) == reference on {device.type} {dtype}: {exact}")
+    print(f"layer pipeline (1 rank) == reference on {device.type} {dtype}: {exact}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "params": params, "rows": rows, "pipeline_equals_reference": exact}, f, indent=2)
+            json.dump({"device": name, "params": params, "rows": rows, "layer_pipeline_equals_reference": exact}, f, indent=2)
 
 
 if __name__ == "__main__":

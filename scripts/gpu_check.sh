@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DualParal on one lent GPU (about 10 minutes): block-wise vs full-sequence Wan2.1-1.3B forwards (random
 # weights, bf16, 480x832, CFG batch 2) as the video grows: latency, peak memory, achieved TFLOP/s per
-# block-step; then the same engine's N=1 pipeline against the reference on the GPU (bit for bit).
+# block-step; then the same engine's N=1 layer pipeline against the reference on the GPU (bit for bit).
 # Usage: bash scripts/gpu_check.sh [output dir]   (the table is also saved there as gpu_check.json / .log)
 set -euo pipefail
 cd "$(dirname "$0")/.."

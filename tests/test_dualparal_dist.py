@@ -1,4 +1,4 @@
-"""DualParal across real processes: N-rank pipelines equal the single-process reference bit for bit, and a
+"""DualParal across real processes: N-rank layer pipelines equal the single-process reference bit for bit, and a
 dead or hung rank makes the others exit with a clear error instead of hanging.
 
 Ranks are forked (real processes with their own gloo process group; fork spares each one the ~6 s import
@@ -18,50 +18,51 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from parallel_infer.config import DualParalConfig
-from parallel_infer.pipeline import PeerFailure, run_pipeline, run_reference
+from parallel_infer.layer_pipeline import PeerFailure, run_layer_pipeline, run_reference
 from parallel_infer.tiny import tiny_transformer
 from parallel_infer.wan_adapter import WanAdapter
 
 LAYERS = 5  # not divisible by 2 or 3: the split is 3/2 and 2/2/1
 SIZE = 8  # latent height = width
-CFG = DualParalConfig(frames=6 + 4 * 4, steps=4, block=4, cat=2, cfg=4.0, seed=3)
+CONFIG = DualParalConfig(frames=6 + 4 * 4, steps=4, block=4, cat=2, guidance_scale=4.0, seed=3)
 
 
-def make_adapter(cfg: DualParalConfig = CFG) -> WanAdapter:
+def make_adapter(config: DualParalConfig = CONFIG) -> WanAdapter:
     torch.manual_seed(0)
-    return WanAdapter(tiny_transformer(LAYERS), cfg.block + cfg.cat, cfg.cat, SIZE, SIZE)
+    return WanAdapter(tiny_transformer(LAYERS), config.block + config.cat, config.cat, SIZE, SIZE)
 
 
 def prompt_embeds() -> torch.Tensor:
     return torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
 
 
-def _rank(rank, world, store, out, cfg_dict, timeout, started):
-    from parallel_infer.distributed import fail, init_with_file
+def _rank(rank, world, store, out, config_dict, timeout, started):
+    from parallel_infer.distributed import fail, join_group
 
     torch.set_num_threads(1)
-    cfg = DualParalConfig(**cfg_dict)
+    config = DualParalConfig(**config_dict)
     try:
-        init_with_file(rank, world, store, timeout)
+        join_group(rank, world, timeout, store)  # a world of one joins no group
         finals = {}
 
         def on_block(b, latent):
             finals[str(b)] = latent
             started.set()
 
-        total = run_pipeline(make_adapter(cfg), cfg, prompt_embeds(), on_block, timeout=timeout)
+        total = run_layer_pipeline(make_adapter(config), config, prompt_embeds(), on_block, timeout=timeout)
         if rank == 0:
             save_file({**finals, "bytes": torch.tensor([total])}, out)
     except PeerFailure as e:
         fail(str(e))
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
-def start_ranks(world, tmp_path, cfg=CFG, timeout=60.0):
+def start_ranks(world, tmp_path, config=CONFIG, timeout=60.0):
     ctx = mp.get_context("fork")
     started = ctx.Event()
     out = str(tmp_path / f"latents-{world}.safetensors")
-    procs = [ctx.Process(target=_rank, args=(r, world, str(tmp_path / f"store-{world}"), out, cfg.to_dict(), timeout, started))
+    procs = [ctx.Process(target=_rank, args=(r, world, str(tmp_path / f"store-{world}"), out, config.to_dict(), timeout, started))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -73,11 +74,11 @@ def reference():
     torch.set_num_threads(1)
     finals = {}
     with torch.inference_mode():
-        run_reference(make_adapter(), CFG, prompt_embeds(), lambda b, x: finals.__setitem__(str(b), x.clone()))
+        run_reference(make_adapter(), CONFIG, prompt_embeds(), lambda b, x: finals.__setitem__(str(b), x.clone()))
     return finals
 
 
-def test_pipeline_equals_reference_bit_for_bit(reference, tmp_path):
+def test_layer_pipeline_equals_reference_bit_for_bit(reference, tmp_path):
     runs = {world: start_ranks(world, tmp_path) for world in (1, 2, 3)}  # all at once: they share 2 cores
     for world, (procs, out, _) in runs.items():
         for p in procs:
@@ -89,18 +90,18 @@ def test_pipeline_equals_reference_bit_for_bit(reference, tmp_path):
             assert torch.equal(got[b], latent), f"world {world}: block {b} differs"
         # Bytes sent: hidden states of every block-step across each of the world - 1 links, and one
         # guided prediction per block-step back to rank 0 (block 0's carries block + cat frames).
-        items = CFG.num_blocks * CFG.steps
-        window_tokens = (CFG.block + CFG.cat) * (SIZE // 2) ** 2
+        items = CONFIG.num_blocks * CONFIG.steps
+        window_tokens = (CONFIG.block + CONFIG.cat) * (SIZE // 2) ** 2
         hidden_bytes = 2 * window_tokens * 24 * 4  # [cond, uncond] x tokens x dim x float32
-        pred_bytes = 3 * SIZE * SIZE * 4 * (CFG.steps * CFG.block * (CFG.num_blocks - 1) + CFG.steps * (CFG.block + CFG.cat))
+        pred_bytes = 3 * SIZE * SIZE * 4 * (CONFIG.steps * CONFIG.block * (CONFIG.num_blocks - 1) + CONFIG.steps * (CONFIG.block + CONFIG.cat))
         assert int(got["bytes"]) == (world - 1) * items * hidden_bytes + (pred_bytes if world > 1 else 0)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "hangs"])
 def test_a_lost_rank_makes_the_others_exit_with_a_clear_error(sig, tmp_path, capfd):
     timeout = 3.0
-    cfg = DualParalConfig(frames=6 + 4 * 40, steps=8, block=4, cat=2, cfg=4.0, seed=3)  # long enough to be mid-run
-    procs, _, started = start_ranks(3, tmp_path, cfg, timeout)
+    config = DualParalConfig(frames=6 + 4 * 40, steps=8, block=4, cat=2, guidance_scale=4.0, seed=3)  # long enough to be mid-run
+    procs, _, started = start_ranks(3, tmp_path, config, timeout)
     victim, survivors = procs[1], [procs[0], procs[2]]
     try:
         assert started.wait(60), "rank 0 never finished a block"

@@ -7,9 +7,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ddm import UsageError
-from parallel_infer.config import DualParalConfig, split_layers
-from parallel_infer.pipeline import guide, run_reference
-from parallel_infer.queue import NoiseSource, work_items
+from parallel_infer.config import DualParalConfig
+from parallel_infer.layer_split import split_layers
+from parallel_infer.layer_pipeline import guide, run_reference
+from parallel_infer.noise import NoiseSource
+from parallel_infer.queue import work_items
 from parallel_infer.tiny import tiny_transformer
 from parallel_infer.wan_adapter import WanAdapter
 
@@ -22,10 +24,10 @@ def model():
     return tiny_transformer(layers=3)
 
 
-def denoise(model, cfg, text, size=8):
+def denoise(model, config, text, size=8):
     finals = {}
-    adapter = WanAdapter(model, cfg.block + cfg.cat, cfg.cat, size, size)
-    run_reference(adapter, cfg, text, lambda b, x: finals.__setitem__(b, x.clone()))
+    adapter = WanAdapter(model, config.block + config.cat, config.cat, size, size)
+    run_reference(adapter, config, text, lambda b, x: finals.__setitem__(b, x.clone()))
     return torch.cat([finals[b] for b in sorted(finals)], dim=2)
 
 
@@ -41,7 +43,7 @@ TEXT = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
         (dict(frames=26, block=4, cat=0), "cat must be a positive integer, got 0"),
         (dict(frames=26, block=-4, cat=2), "block must be a positive integer, got -4"),
         (dict(frames=26, block=4, cat=2, steps=0), "steps must be a positive integer, got 0"),
-        (dict(frames=26, block=4, cat=2, cfg=0.0), "cfg must be > 0"),
+        (dict(frames=26, block=4, cat=2, guidance_scale=0.0), r"guidance scale \(cfg\) must be > 0"),
         (dict(frames=26, block=4, cat=2, flow_shift=-1.0), "flow shift must be > 0"),
     ],
 )
@@ -58,10 +60,10 @@ def test_layer_split_is_contiguous_with_the_remainder_on_the_lowest_ranks():
 
 
 def test_schedule_one_step_per_queued_block_newest_first():
-    cfg = DualParalConfig(frames=6 + 4 * 6, steps=3, block=4, cat=2)  # 7 blocks, 3 steps
-    items = list(work_items(cfg))
-    assert cfg.num_iterations == 3 + 7 - 1 and items[-1].iteration == cfg.num_iterations - 1
-    for it in range(cfg.num_iterations):
+    config = DualParalConfig(frames=6 + 4 * 6, steps=3, block=4, cat=2)  # 7 blocks, 3 steps
+    items = list(work_items(config))
+    assert config.num_iterations == 3 + 7 - 1 and items[-1].iteration == config.num_iterations - 1
+    for it in range(config.num_iterations):
         blocks = [i.block for i in items if i.iteration == it]
         assert blocks == sorted(blocks, reverse=True) and len(blocks) <= min(7, 3)
         assert blocks == list(range(blocks[0], blocks[0] - len(blocks), -1))  # neighbours, one step apart
@@ -71,31 +73,31 @@ def test_schedule_one_step_per_queued_block_newest_first():
 
 @pytest.mark.parametrize("coordinated", [True, False])
 def test_coordinated_noise_permutes_one_pool(coordinated):
-    cfg = DualParalConfig(frames=6 + 4 * 5, steps=2, block=4, cat=2, coordinated_noise=coordinated)
-    source = NoiseSource(cfg, (3, 4, 4))
-    blocks = [source.next_block() for _ in range(cfg.num_blocks)]
+    config = DualParalConfig(frames=6 + 4 * 5, steps=2, block=4, cat=2, coordinated_noise=coordinated)
+    source = NoiseSource(config, (3, 4, 4))
+    blocks = [source.next_block() for _ in range(config.num_blocks)]
     assert blocks[0].shape[2] == 6 and all(b.shape[2] == 4 for b in blocks[1:])
     pool = sorted(blocks[0][0].transpose(0, 1).flatten(1).tolist())
-    windows = [torch.cat([blocks[b - 1][:, :, -2:], blocks[b]], dim=2) for b in range(1, cfg.num_blocks)]
+    windows = [torch.cat([blocks[b - 1][:, :, -2:], blocks[b]], dim=2) for b in range(1, config.num_blocks)]
     same = [sorted(w[0].transpose(0, 1).flatten(1).tolist()) == pool for w in windows]
     assert all(same) if coordinated else not any(same)
 
 
 def test_one_block_equals_the_diffusers_model_loop_bit_for_bit(model):
-    cfg = DualParalConfig(frames=6, steps=4, block=4, cat=2, cfg=3.0, seed=1)
-    ours = denoise(model, cfg, TEXT)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift)
-    scheduler.set_timesteps(cfg.steps)
+    config = DualParalConfig(frames=6, steps=4, block=4, cat=2, guidance_scale=3.0, seed=1)
+    ours = denoise(model, config, TEXT)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=config.flow_shift)
+    scheduler.set_timesteps(config.steps)
     x = torch.randn(1, 3, 6, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         for t in scheduler.timesteps:
             v = model(x.expand(2, -1, -1, -1, -1), t.expand(2), TEXT, return_dict=False)[0]
-            x = scheduler.step(guide(v, cfg.cfg), t, x, return_dict=False)[0]
+            x = scheduler.step(guide(v, config.guidance_scale), t, x, return_dict=False)[0]
     assert torch.equal(ours, x)
 
 
 def test_feature_cache_links_each_block_to_the_next(model):
-    base = dict(frames=6 + 4 * 3, steps=3, block=4, cat=2, cfg=3.0, seed=2)
+    base = dict(frames=6 + 4 * 3, steps=3, block=4, cat=2, guidance_scale=3.0, seed=2)
     cached = denoise(model, DualParalConfig(**base), TEXT)
     plain = denoise(model, DualParalConfig(**base, feature_cache=False), TEXT)
     assert cached.shape == plain.shape == (1, 3, 18, 8, 8)

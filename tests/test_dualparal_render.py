@@ -50,9 +50,56 @@ def test_umt5_folder_encodes_like_the_wan_pipeline(wan_model):
 
 def test_precomputed_embeddings_by_prompt(pixel_model):
     model = load_model(inspect_model(pixel_model))
-    assert model.vae is None and model.encode_prompts(["a dog jumps", ""]).shape == (2, 8, 16)
+    assert model.vae is None and model.encode_prompts(["a dog jumps", ""]).shape == (2, TEXT_TOKENS, 16)
     with pytest.raises(UsageError, match="'a cow' has no precomputed embedding"):
         model.encode_prompts(["a cow"])
+
+
+def write_embeddings(model_dir: Path, *shapes: tuple[int, int]) -> list[torch.Tensor]:
+    from safetensors.torch import save_file
+
+    tensors = [torch.randn(*shape, generator=torch.Generator().manual_seed(i)) + 1 for i, shape in enumerate(shapes)]
+    save_file({str(i): t for i, t in enumerate(tensors)}, model_dir / "prompt_embeds.safetensors")
+    return tensors
+
+
+def test_precomputed_embeddings_of_different_lengths_are_padded_with_zeros(tmp_path):
+    """[L, D] each, as documented: padded to Wan's 512 tokens as the UMT5 path pads, so they batch."""
+    model_dir = write_tiny_model(tmp_path / "m", layers=2, prompts=("a cat runs", ""))
+    short, long = write_embeddings(model_dir, (3, 16), (11, 16))
+    embeds = load_model(inspect_model(model_dir)).encode_prompts(["a cat runs", ""])
+    assert embeds.shape == (2, TEXT_TOKENS, 16)
+    assert torch.equal(embeds[0, :3], short) and torch.equal(embeds[1, :11], long)
+    assert embeds[0, 3:].abs().sum() == 0 and embeds[1, 11:].abs().sum() == 0
+    record = render_video(model_dir, "a cat runs", tmp_path / "v.mp4", frames=6, steps=1, block=4, cat=2, height=16, width=16)
+    assert record["frames_written"] == 6
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        ([(8, 16), (8, 32)], r"tensor '1' is \[8, 32\]: width 32, but the transformer's text_dim is 16"),
+        ([(8, 16), (8,)], r"tensor '1' is \[8\]: expected \[L, D\]"),
+        ([(8, 16), (513, 16)], r"tensor '1' has 513 tokens, more than Wan's 512"),
+        ([(8, 16)], r"no tensor '1' for line 1 \(''\) of"),
+    ],
+)
+def test_bad_precomputed_embeddings_fail_before_any_process_starts(tmp_path, shapes, message):
+    model_dir = write_tiny_model(tmp_path / "m", layers=2, prompts=("a cat runs", ""))
+    write_embeddings(model_dir, *shapes)
+    with pytest.raises(UsageError, match=message) as error:
+        inspect_model(model_dir)
+    assert "\n" not in str(error.value)
+    with pytest.raises(UsageError, match=message):  # ranks=2: before the worker is spawned
+        render_video(model_dir, "a cat runs", tmp_path / "v.mp4", frames=6, ranks=2, steps=1, block=4, cat=2)
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_a_damaged_embeddings_file_is_a_usage_error(tmp_path):
+    model_dir = write_tiny_model(tmp_path / "m", layers=2)
+    (model_dir / "prompt_embeds.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UsageError, match="cannot read .*prompt_embeds.safetensors"):
+        inspect_model(model_dir)
 
 
 def test_streaming_vae_decode_matches_one_whole_decode(wan_model):
@@ -99,6 +146,10 @@ def test_bad_requests_fail_before_any_work(pixel_model, tmp_path):
         render_video(pixel_model, "a cow", out, frames=26, **SMALL)
     with pytest.raises(UsageError, match="'the void' has no precomputed embedding"):  # the unconditional branch
         render_video(pixel_model, "a cat runs", out, frames=26, negative_prompt="the void", **SMALL)
+    with pytest.raises(UsageError, match="threads must be a positive integer, got 0"):  # as the CLI checks them
+        render_video(pixel_model, "a cat runs", out, frames=26, threads=0, **SMALL)
+    with pytest.raises(UsageError, match="timeout must be > 0 seconds, got -1"):
+        render_video(pixel_model, "a cat runs", out, frames=26, timeout=-1, **SMALL)
     assert not any(tmp_path.iterdir())
 
 
@@ -139,6 +190,7 @@ def test_cli_renders_skips_and_refuses(cli, pixel_model, tmp_path, capsys):
     assert "skip" in capsys.readouterr().err and (out / "0000-a-cat-runs.mp4").stat().st_mtime_ns == stamp
     assert cli.main(args(seed=7)) == 2  # same files, other settings: refused, nothing overwritten
     assert "exists with other settings" in capsys.readouterr().err
+    assert cli.main(args(threads=0)) == 2 and "threads must be a positive integer, got 0" in capsys.readouterr().err
     assert cli.main(args(frames=11)) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: 11 latent frames do not fit")

@@ -1,10 +1,12 @@
-"""The DualParal engine: block-wise denoising over a contiguous layer split across ranks.
+"""The DualParal layer pipeline: block-wise denoising over a contiguous layer split across ranks.
 
-Rank 0 embeds and owns the queue; each rank runs its own layers (with its own feature cache) and passes one
-block's hidden states to the next rank with asynchronous point-to-point sends; the last rank runs the head,
-applies guidance and sends the block's prediction back to rank 0. Conditioning is computed on every rank.
-`run_reference` computes the same schedule in one process with no torch.distributed; on the same device
-and dtype, `run_pipeline` with any number of ranks gives the same latents bit for bit.
+"Layer pipeline" means the model's layers run as pipeline stages, one contiguous group per rank (not a
+diffusers sampling pipeline such as router/pipeline.py). Rank 0 embeds and owns the queue; each rank runs
+its own layers (with its own feature cache) and passes one block's hidden states to the next rank with
+asynchronous point-to-point sends; the last rank runs the head, applies guidance and sends the block's
+prediction back to rank 0. Conditioning is computed on every rank. `run_reference` computes the same
+schedule in one process with no torch.distributed; on the same device and dtype, `run_layer_pipeline` with
+any number of ranks gives the same latents bit for bit.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from parallel_infer.config import DualParalConfig, split_layers
+from parallel_infer.config import DualParalConfig
+from parallel_infer.layer_split import split_layers
 from parallel_infer.queue import BlockQueue, WorkItem, make_scheduler, own_frames, work_items
 from parallel_infer.wan_adapter import WanAdapter
 
@@ -31,10 +34,10 @@ class PeerFailure(RuntimeError):
 class Conditioning:
     """Text and per-step timestep conditioning of one video, computed once on each rank."""
 
-    def __init__(self, adapter: WanAdapter, cfg: DualParalConfig, prompt_embeds: torch.Tensor, scheduler_config=None):
+    def __init__(self, adapter: WanAdapter, config: DualParalConfig, prompt_embeds: torch.Tensor, scheduler_config=None):
         self.batch = prompt_embeds.shape[0]  # 2 with guidance: [cond, uncond]
         self.text = adapter.encode_text(prompt_embeds)
-        timesteps = make_scheduler(cfg, scheduler_config).timesteps
+        timesteps = make_scheduler(config, scheduler_config).timesteps
         self.steps = [adapter.step_conditioning(t, self.batch) for t in timesteps]
 
 
@@ -47,25 +50,28 @@ def guide(prediction: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
 
-def _set_cache(adapter: WanAdapter, cfg: DualParalConfig, item: WorkItem) -> None:
-    adapter.set_cache_flags(use=cfg.feature_cache and not item.first_in_iteration, store=cfg.feature_cache and not item.last_in_iteration)
+def forward_window(adapter: WanAdapter, config: DualParalConfig, cond: Conditioning, item: WorkItem, window: torch.Tensor) -> torch.Tensor:
+    """One work item through every layer in this process: the model input [1, C, block + cat, H, W] of
+    `item.block` -> its guided prediction for the block's own frames, float32 (the feature cache, installed
+    on every layer, is read and filled as `item`'s place in the iteration says)."""
+    adapter.cache.prepare(item, config.feature_cache)
+    step = cond.steps[item.step]
+    hidden = adapter.embed(window, cond.batch)
+    for i in range(adapter.num_layers):
+        hidden = adapter.run_block(i, hidden, cond.text, step)
+    return guide(adapter.head(hidden, step, own_frames(config, item.block)), config.guidance_scale)
 
 
 @torch.inference_mode()
-def run_reference(adapter: WanAdapter, cfg: DualParalConfig, prompt_embeds: torch.Tensor, on_block: BlockCallback, scheduler_config=None) -> None:
-    """The schedule of DESIGN.md section 3 as a plain loop in one process."""
-    cond = Conditioning(adapter, cfg, prompt_embeds, scheduler_config)
-    queue = BlockQueue(cfg, (adapter.channels, *adapter.latent_size), scheduler_config, adapter.device)
+def run_reference(adapter: WanAdapter, config: DualParalConfig, prompt_embeds: torch.Tensor, on_block: BlockCallback, scheduler_config=None) -> None:
+    """The schedule of docs/design.md §3 as a plain loop in one process: what the layer pipeline must equal."""
+    cond = Conditioning(adapter, config, prompt_embeds, scheduler_config)
+    queue = BlockQueue(config, (adapter.channels, *adapter.latent_size), scheduler_config, adapter.device)
     adapter.install_feature_cache(range(adapter.num_layers))
-    for item in work_items(cfg):
+    for item in work_items(config):
         if item.step == 0:
             queue.enter(item.block)
-        _set_cache(adapter, cfg, item)
-        step = cond.steps[item.step]
-        hidden = adapter.embed(queue.model_input(item.block), cond.batch)
-        for i in range(adapter.num_layers):
-            hidden = adapter.run_block(i, hidden, cond.text, step)
-        final = queue.apply(item, guide(adapter.head(hidden, step, own_frames(cfg, item.block)), cfg.cfg))
+        final = queue.apply(item, forward_window(adapter, config, cond, item, queue.model_input(item.block)))
         if final is not None:
             on_block(item.block, final)
 
@@ -115,15 +121,15 @@ class _Links:
 
 
 @torch.inference_mode()
-def run_pipeline(
+def run_layer_pipeline(
     adapter: WanAdapter,
-    cfg: DualParalConfig,
+    config: DualParalConfig,
     prompt_embeds: torch.Tensor,
     on_block: BlockCallback | None = None,
     scheduler_config=None,
     timeout: float = 60.0,
 ) -> int:
-    """This rank's part of the pipeline (torch.distributed initialised, or one process when it is not).
+    """This rank's stage of the layer pipeline (torch.distributed initialised, or one process when it is not).
 
     `on_block` is called on rank 0 as each block leaves the queue. Returns the bytes all ranks sent.
     """
@@ -131,14 +137,14 @@ def run_pipeline(
     rank = dist.get_rank() if dist.is_initialized() else 0
     layers = split_layers(adapter.num_layers, world)[rank]
     first, last = rank == 0, rank == world - 1
-    cond = Conditioning(adapter, cfg, prompt_embeds, scheduler_config)
+    cond = Conditioning(adapter, config, prompt_embeds, scheduler_config)
     adapter.install_feature_cache(layers)
     links = _Links(rank, timeout)
     hidden_shape = (cond.batch, adapter.window * adapter.tokens_per_frame, adapter.dim)
     channels, (height, width) = adapter.channels, adapter.latent_size
     new_hidden = lambda: torch.empty(hidden_shape, dtype=adapter.dtype, device=adapter.device)  # noqa: E731
 
-    queue = BlockQueue(cfg, (channels, height, width), scheduler_config, adapter.device) if first else None
+    queue = BlockQueue(config, (channels, height, width), scheduler_config, adapter.device) if first else None
     pending: deque = deque()  # rank 0: (item, posted receive of its prediction), in send order
 
     def apply(item: WorkItem, prediction: torch.Tensor) -> None:
@@ -156,10 +162,10 @@ def run_pipeline(
             links.wait(work, peer)
             apply(done, buffer)
 
-    num_items = cfg.num_blocks * cfg.steps  # the schedule is a generator: nothing grows with the video
+    num_items = config.num_blocks * config.steps  # the schedule is a generator: nothing grows with the video
     incoming = None if first else links.recv(new_hidden(), rank - 1)
-    for index, item in enumerate(work_items(cfg)):
-        _set_cache(adapter, cfg, item)
+    for index, item in enumerate(work_items(config)):
+        adapter.cache.prepare(item, config.feature_cache)
         step = cond.steps[item.step]
         if first:
             settle(item)
@@ -176,11 +182,11 @@ def run_pipeline(
         if not last:
             links.send(hidden, rank + 1)
             if first:
-                frames = own_frames(cfg, item.block)
+                frames = own_frames(config, item.block)
                 buffer = torch.empty(1, channels, frames, height, width, device=adapter.device)
                 pending.append((item, links.recv(buffer, world - 1)))
             continue
-        prediction = guide(adapter.head(hidden, step, own_frames(cfg, item.block)), cfg.cfg)
+        prediction = guide(adapter.head(hidden, step, own_frames(config, item.block)), config.guidance_scale)
         if first:
             apply(item, prediction)
         else:
