@@ -34,10 +34,12 @@ MAX_WORKERS = max(1, os.cpu_count() or 1)
 
 
 class AllowedRoots:
-    """The only folders the app reads from. Relative UI paths are taken from the app's own folder."""
+    """The only folders the app reads from. Relative UI paths are taken from the folder the app was started in,
+    as relative `--allow-dir` and `--demo-dir` are, so `python app.py --allow-dir runs` can open `runs/...`."""
 
-    def __init__(self, roots: list[Path]):
-        self.roots = [Path(r).expanduser().resolve() for r in roots]
+    def __init__(self, roots: list[Path], base: Path | None = None):
+        self.base = (base or Path.cwd()).resolve()
+        self.roots = [(self.base / Path(r).expanduser()).resolve() for r in roots]
 
     def dir(self, text: str | None, what: str) -> Path:
         """The resolved directory, if it and every symlink inside it stay within the roots; else a UserError."""
@@ -46,7 +48,7 @@ class AllowedRoots:
             raise UserError(f"{what}: please enter a directory.")
         path = Path(text).expanduser()
         try:
-            resolved = (path if path.is_absolute() else APP_DIR / path).resolve()
+            resolved = (self.base / path).resolve()
         except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a symlink loop
             raise UserError(f"{what} {text!r} is not a valid path.") from None
         # Checked before existence, so the app says nothing about what lies outside its roots.

@@ -1,4 +1,4 @@
-"""The flow-matching noise path shared by experts and router (DESIGN.md section 2).
+"""The flow-matching noise path shared by experts and router (docs/design.md §2).
 
 x_t = (1 - σ) x0 + σ ε, target velocity v = ε - x0, σ in [0, 1], the model sees timestep = 1000 σ.
 Training σ is drawn from `FlowConfig` and optionally SD3-shifted; the router reads the same config from

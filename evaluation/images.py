@@ -1,7 +1,7 @@
 """`ddm eval`: FID, classifier accuracy and per-class coverage of generated samples.
 
 FID is torchmetrics' `FrechetInceptionDistance` on features that need no download:
-- digits (default): the penultimate 64-d features of the shipped digit classifier (ddm/digit_classifier.py),
+- digits (default): the penultimate 64-d features of the shipped digit classifier (evaluation/digit_classifier.py),
   against the fixed held-out 20% of the digits (359 images, seeded split; the classifier never saw them);
 - real data: `--feature-model PATH`, a local transformers vision checkpoint (pooled image feature), against
   the images in `--reference DIR`.

@@ -82,7 +82,7 @@ def samples_section(ctx: dict) -> str:
     share = torch.bincount(final, minlength=k).tolist()
     fid_rows = [[name, f"{m['fid']:.1f}", f"{m['accuracy']:.3f}", m["num_samples"]] for name, m in ctx["fid"].items()]
     return (
-        f"<h2>3. Samples through the ensemble</h2><p>{len(stats['samples'])} samples, classes 0&ndash;9 in order, "
+        f"<h2>3. Samples through the ensemble</h2><p>{len(stats['samples'])} samples, one column per class (0&ndash;9), "
         f"{ctx['sample_steps']} flow-matching Euler steps, CFG {stats['cfg']}, routing "
         f"<code>{html.escape(stats['strategy'])}</code>: each step runs the one expert the router picks per sample. "
         f"Samples that ended on each expert: {', '.join(f'expert {i}: {n}' for i, n in enumerate(share))} "
@@ -129,7 +129,7 @@ def stage_page(ctx: dict) -> None:
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; line-height: 1.45; color: #222; }}
 table {{ border-collapse: collapse; margin: .5rem 0; }} td, th {{ border: 1px solid #ccc; padding: .2rem .6rem; }}
-.pixel {{ image-rendering: pixelated; }} img.pixel {{ width: 30rem; }}
+.pixel {{ image-rendering: pixelated; }} img.pixel {{ width: 40rem; max-width: 100%; }}
 </style></head><body>
 <h1>ddm-suite demo</h1>
 <p><b>What you are looking at.</b> The embedded 8&times;8 digits were split into islands by clustering; one small

@@ -1,7 +1,7 @@
 """The router r(x_t, t[, class]) -> K logits: a narrow DiT-style encoder with a pooled head.
 
 It predicts which island a noisy sample came from, p(k | x_t), on the experts' own noise path
-(DESIGN.md section 2). `logit_correction` = log(pi_k / pi_k^train) is added to the logits when router
+(docs/design.md §2). `logit_correction` = log(pi_k / pi_k^train) is added to the logits when router
 training rebalanced the clusters, so the softmax is the posterior under the true cluster prior.
 """
 from __future__ import annotations

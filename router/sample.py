@@ -18,12 +18,14 @@ from ddm.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json
 from router.strategies import DEFAULT_STRATEGY
 
 
-def image_grid(images01: torch.Tensor, scale: int = 1) -> bytes:
-    """PNG bytes of images (N, C, H, W) in [0, 1] tiled on a near-square grid with 1-pixel gutters."""
-    from PIL import Image
+def image_grid(images01: torch.Tensor, scale: int = 1, columns: int | None = None, labels: torch.Tensor | None = None) -> bytes:
+    """PNG bytes of images (N, C, H, W) in [0, 1] tiled with 1-pixel gutters, upscaled by `scale` (nearest
+    neighbour, so pixels stay sharp). `columns` defaults to a near-square grid; when every column holds one class
+    of `labels`, a header row names it."""
+    from PIL import Image, ImageDraw
 
     n, c, h, w = images01.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     canvas = torch.zeros(c, rows * (h + 1) + 1, cols * (w + 1) + 1)
     for i, img in enumerate(images01):
@@ -33,6 +35,15 @@ def image_grid(images01: torch.Tensor, scale: int = 1) -> bytes:
     im = Image.fromarray(arr[..., 0] if c == 1 else arr)
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    column_classes = [set(labels[q::cols].tolist()) for q in range(cols)] if labels is not None else []
+    if column_classes and all(len(k) == 1 for k in column_classes):
+        header = 14
+        framed = Image.new(im.mode, (im.width, im.height + header), 0)
+        framed.paste(im, (0, header))
+        draw = ImageDraw.Draw(framed)
+        for q, (k,) in enumerate(column_classes):
+            draw.text((q * (w + 1) * scale + scale + 2, 1), str(k), fill=255 if im.mode == "L" else (255, 255, 255))
+        im = framed
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
@@ -75,7 +86,8 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=50, help="Euler sampling steps")
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial noise and any sampled routing")
-    p.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG grid")
+    p.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG grid (nearest neighbour)")
+    p.add_argument("--columns", type=int, default=None, help="grid columns (default: near-square); with as many columns as classes, one class per column, labelled")
     p.add_argument("--out", required=True, help="grid PNG path")
     p.add_argument("--save-ensemble", help="also save the pipeline (router + experts + strategy + scheduler) as a diffusers folder here")
 
@@ -91,6 +103,8 @@ def run(args) -> int:
         raise UsageError("give either --ensemble DIR or --router DIR --experts DIR...")
     if args.router and not args.experts or args.experts and not args.router:
         raise UsageError("--router and --experts go together")
+    if args.columns is not None and args.columns < 1:
+        raise UsageError(f"--columns must be >= 1, got {args.columns}")
     for name in ("n", "steps", "scale"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -104,7 +118,7 @@ def run(args) -> int:
     images = pipe(labels, args.steps, args.cfg, torch.Generator().manual_seed(args.seed), output_type="pt").images
     stats = routing_statistics(ensemble.routing_weights, labels, pipe.scheduler.sigmas[:-1], args.cfg != 1.0)
     stats.update(strategy=str(ensemble.strategy), islands_present=ensemble.islands, seed=args.seed, cfg=args.cfg)
-    atomic_write_bytes(out, image_grid(images, args.scale))
+    atomic_write_bytes(out, image_grid(images, args.scale, args.columns, labels))
     atomic_write_json(out.with_suffix(".json"), stats)
     atomic_save_tensors(out.with_suffix(".safetensors"), {"images": images, "labels": labels})
     if args.save_ensemble:

@@ -115,7 +115,7 @@ def stage_sample(ctx: dict) -> None:
     grid = ctx["out"] / "grid.png"
     if not (ensemble / "model_index.json").is_file() or not grid.is_file():
         run_ddm("sample", "--router", ctx["router"], "--experts", *ctx["experts"], "--strategy", "top1",
-                "--n", 40, "--steps", ctx["sample_steps"], "--cfg", 1.5, "--seed", ctx["seed"], "--out", grid,
+                "--n", 40, "--columns", 10, "--scale", 8, "--steps", ctx["sample_steps"], "--cfg", 1.5, "--seed", ctx["seed"], "--out", grid,
                 "--save-ensemble", ensemble)
     ctx["fid"] = {}
     for name, model in (("ensemble (top-1)", ensemble), ("monolith", ctx["monolith"])):

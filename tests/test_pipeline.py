@@ -115,3 +115,18 @@ def test_ddm_sample_bad_input_exits_2_and_writes_nothing(dirs, tmp_path, capsys)
     assert ddm_main(["sample", "--ensemble", str(router), "--router", str(router), "--out", str(out)]) == 2
     assert ddm_main(["sample", "--router", str(router), "--experts", str(router), "--out", str(out)]) == 2
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_grid_with_one_column_per_class_is_labelled_and_sharp():
+    from router.sample import image_grid
+
+    images = torch.rand(20, 1, 8, 8)
+    labels = torch.arange(20) % 10
+    im = Image.open(__import__("io").BytesIO(image_grid(images, 8, columns=10, labels=labels)))
+    assert im.size == (8 * (10 * 9 + 1), 8 * (2 * 9 + 1) + 14)  # 10 columns, 2 rows, a header row of labels
+    header = torch.tensor(list(im.crop((0, 0, im.width, 14)).getdata()))
+    assert header.max() > 200  # the class numbers are drawn
+    cell = torch.tensor(list(im.crop((8, 14 + 8, 16, 14 + 16)).getdata()))
+    assert cell.unique().numel() == 1  # nearest neighbour: one source pixel stays one flat 8x8 block
+    plain = Image.open(__import__("io").BytesIO(image_grid(images, 8, columns=10, labels=torch.arange(20) % 7)))
+    assert plain.size == (8 * (10 * 9 + 1), 8 * (2 * 9 + 1))  # columns mixing classes get no header

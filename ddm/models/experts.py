@@ -5,7 +5,7 @@ An expert directory is what one island writes (and nothing else writes there):
   raw/config.json + raw/diffusion_pytorch_model.safetensors   the raw (non-EMA) weights
   expert.json        what the router and samplers need: model class, island, manifest and data fingerprints,
                      flow (noise path) config, number of classes, label dropout
-The training state (optimizer, step, RNG, data position) and logs live beside these; see ddm/train.py.
+The training state (optimizer, step, RNG, data position) and logs live beside these; see ddm/training/train.py.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def write_expert(out: str | Path, ema_model: torch.nn.Module, raw_model: torch.n
     """Write the sampling view of an expert directory: EMA weights at the top, raw weights in raw/, expert.json.
 
     Each file lands by rename (whole or not at all); expert.json goes last, so a directory with an expert.json
-    always has weights. The training state that resumes a run is written separately by ddm/train.py.
+    always has weights. The training state that resumes a run is written separately by ddm/training/train.py.
     """
     from ddm.io import atomic_write_json, staging_dir
 

@@ -1,6 +1,6 @@
 """What the island trainer knows about one kind of data, behind one small interface.
 
-The trainer (ddm/train.py) owns everything generic: accelerate, the data order, flow matching, label dropout
+The trainer (ddm/training/train.py) owns everything generic: accelerate, the data order, flow matching, label dropout
 timing, EMA, checkpoints, logging. A `Modality` owns the rest. `--modality NAME` picks one from `MODALITIES`
 ("module:Class" entries, imported when needed); a new modality is a module with a `Modality` subclass plus one
 line in that dict.

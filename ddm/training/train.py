@@ -2,14 +2,14 @@
 
 An island reads only its data set and the partition manifest, and writes only its `--out` directory:
 the expert (EMA weights at the top, raw weights in raw/, expert.json), the training state in state/
-(see ddm/checkpoint.py), metrics.jsonl, and tensorboard logs with `--tensorboard`.
+(see ddm/training/checkpoint.py), metrics.jsonl, and tensorboard logs with `--tensorboard`.
 
-Flow matching as DESIGN.md section 2: x_t = (1 - σ) x0 + σ ε, target ε - x0, timestep 1000σ, σ from
+Flow matching as docs/design.md §2: x_t = (1 - σ) x0 + σ ε, target ε - x0, timestep 1000σ, σ from
 `--sigma-sampling` shifted by `--flow-shift` (stored in expert.json; the router reads it from there).
 
 `--batch-size` is the GLOBAL batch of one optimizer step: it is split evenly across the processes and the
 `--grad-accum` micro-steps, so a run means the same thing on 1 or 8 processes. The data order and its position
-are in ddm/data_stream.py. Noise, σ and label dropout come from a generator seeded by (seed, step, rank,
+are in ddm/data/stream.py. Noise, σ and label dropout come from a generator seeded by (seed, step, rank,
 micro-step), so resuming needs no generator state and each rank draws its own noise.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The video modality of the island trainer: prompted moving-digit clips, a pixel-space WanTransformer3DModel.
 
-`ddm train --modality video` trains the transformer and the small prompt encoder (ddm/prompt_encoder.py)
-jointly, through the same trainer as images (see ddm/modality.py for the contract). The condition is the
+`ddm train --modality video` trains the transformer and the small prompt encoder (ddm/models/prompt_encoder.py)
+jointly, through the same trainer as images (see ddm/training/modality.py for the contract). The condition is the
 prompt's word ids (B, L); the trainer's label dropout blanks them to all padding, the empty prompt, which the
 encoder maps to its learned null embedding: the unconditional branch of classifier-free guidance.
 
