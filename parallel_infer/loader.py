@@ -79,10 +79,6 @@ class ModelInfo:
             raise UsageError(f"{frames} frames: with this VAE the frame count must be {s}*n + 1 (e.g. {s * max(1, (frames - 1) // s) + 1})")
         return (frames - 1) // s + 1
 
-    def video_frames(self, latent_frames: int) -> int:
-        s = self.temporal_scale
-        return latent_frames if s == 1 else s * (latent_frames - 1) + 1
-
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         s, (_, p_h, p_w) = self.spatial_scale, self.patch_size
         if height <= 0 or width <= 0 or height % (s * p_h) or width % (s * p_w) or height % 2 or width % 2:
