@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from ddm import run_reporting_usage_errors
+from ddm import OneLineParser, run_reporting_usage_errors
 
 COMMANDS = {
     "partition": ("ddm.partition.cluster", "cluster a data set into K islands and write a manifest"),
@@ -19,7 +19,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ddm", description="Decentralized diffusion training (DDM) and DualParal long-video tools.")
+    parser = OneLineParser(prog="ddm", description="Decentralized diffusion training (DDM) and DualParal long-video tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
