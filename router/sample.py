@@ -7,6 +7,7 @@ routing is reported for the conditional rows; the null-label rows are routed on 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from pathlib import Path
@@ -16,6 +17,9 @@ import torch
 from ddm import UsageError
 from ddm.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json
 from router.strategies import DEFAULT_STRATEGY
+
+SAMPLE_FORMAT = "ddm-sample/1"  # in OUT.json (and OUT.safetensors' metadata): marks the three files as ours
+MAX_SCALE = 64  # PNG upscale factor: a 64x grid of 8x8 digits is already 512 pixels a digit
 
 
 def image_grid(images01: torch.Tensor, scale: int = 1) -> bytes:
@@ -88,7 +92,23 @@ def add_arguments(p) -> None:
     p.add_argument("--save-ensemble", help="also save the ensemble (router + experts + strategy) to this directory")
 
 
+def check_outputs(out: Path) -> None:
+    """OUT.png, OUT.json and OUT.safetensors are written together; overwrite them only if OUT.json says that ddm
+    wrote them (a `ddm-sample` format field), so a run never replaces a user's file or another artifact's."""
+    from ddm.io import check_json_output, check_writable
+
+    for path in (out, out.with_suffix(".safetensors")):
+        check_writable(path, "--out")
+    check_json_output(out.with_suffix(".json"), SAMPLE_FORMAT)
+    if not out.with_suffix(".json").exists():
+        for path in (out, out.with_suffix(".safetensors")):
+            if path.exists():
+                raise UsageError(f"--out {out}: {path} exists and was not written by `ddm sample`; refusing to overwrite it")
+
+
 def run(args) -> int:
+    from ddm.checks import check_range, check_seed
+    from ddm.io import check_owned, output_lock
     from router.pipeline import make_pipeline
 
     out = Path(args.out)
@@ -101,19 +121,31 @@ def run(args) -> int:
     for name in ("n", "steps", "scale"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_range("--scale", args.scale, high=MAX_SCALE)
+    check_range("--cfg", args.cfg)
+    check_seed(args.seed)
+    check_outputs(out)
+    if args.save_ensemble:
+        check_owned(Path(args.save_ensemble), "ensemble", "--save-ensemble")
     ensemble = load_ensemble(args)
     num_classes = ensemble.config.num_embeds_ada_norm
+    bad = [c for c in args.classes or [] if not 0 <= c < num_classes]
+    if bad:
+        raise UsageError(f"--classes {bad[0]} is outside 0..{num_classes - 1}")
     classes = torch.tensor(args.classes if args.classes else list(range(num_classes)))
     labels = classes.repeat(math.ceil(args.n / len(classes)))[: args.n]
-    pipe = make_pipeline(ensemble, ensemble.metas[0]["flow"]["shift"])
-    images = pipe(labels, args.steps, args.cfg, torch.Generator().manual_seed(args.seed), output_type="pt").images
-    stats = routing_statistics(ensemble.routing_weights, labels, pipe.scheduler.sigmas[:-1], args.cfg != 1.0)
-    stats.update(strategy=str(ensemble.strategy), islands_present=ensemble.islands, seed=args.seed, cfg=args.cfg)
-    atomic_write_bytes(out, image_grid(images, args.scale))
-    atomic_write_json(out.with_suffix(".json"), stats)
-    atomic_save_tensors(out.with_suffix(".safetensors"), {"images": images, "labels": labels})
-    if args.save_ensemble:
-        ensemble.save_pretrained(args.save_ensemble)
+    with output_lock(out), output_lock(Path(args.save_ensemble)) if args.save_ensemble else contextlib.nullcontext():
+        pipe = make_pipeline(ensemble, ensemble.metas[0]["flow"]["shift"])
+        images = pipe(labels, args.steps, args.cfg, torch.Generator().manual_seed(args.seed), output_type="pt").images
+        if not torch.isfinite(images).all():
+            raise UsageError("sampling produced non-finite values (a diverged expert or router?); nothing was written")
+        stats = routing_statistics(ensemble.routing_weights, labels, pipe.scheduler.sigmas[:-1], args.cfg != 1.0)
+        stats.update(format=SAMPLE_FORMAT, strategy=str(ensemble.strategy), islands_present=ensemble.islands, seed=args.seed, cfg=args.cfg)
+        atomic_write_json(out.with_suffix(".json"), stats)  # first: it marks the three files as ours
+        atomic_write_bytes(out, image_grid(images, args.scale))
+        atomic_save_tensors(out.with_suffix(".safetensors"), {"images": images, "labels": labels}, metadata={"format": SAMPLE_FORMAT})
+        if args.save_ensemble:
+            ensemble.save_pretrained(args.save_ensemble)
     used = torch.tensor([e for s in stats["samples"] for e in s["experts"]])
     share = (torch.bincount(used, minlength=stats["num_experts"]).float() / len(used)).tolist()
     print(f"wrote {out} ({args.n} samples, strategy {ensemble.strategy}); expert share over steps: "
