@@ -15,10 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ddm import UsageError
-from ddm.io import atomic_write_json
+from ddm.checks import check_range
+from ddm.io import atomic_write_json, output_lock
 from parallel_infer.distributed import device_for, fail, init_with_file, ready
 from parallel_infer.loader import inspect_model, load_model
-from parallel_infer.render import Progress, Renderer, VideoSettings, check_prompts, plan_video
+from parallel_infer.render import Progress, Renderer, VideoSettings, check_prompts, owned_sidecar, plan_video
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -45,13 +46,18 @@ def render_video(
     as each block is written. `threads` sets torch's thread count in this process and each worker.
     Every setting is checked (UsageError) before any weight loads or process starts.
     """
-    if timeout <= 0:
-        raise UsageError(f"timeout must be > 0 seconds, got {timeout}")
+    check_range("timeout", timeout, above=0)
     out_path = Path(out_path)
     video = VideoSettings(frames=frames, seconds=seconds, **settings)
     info = inspect_model(model_dir)
     plan = plan_video(info, video, ranks)
     check_prompts(info, plan, video, [prompt])
+    owned_sidecar(out_path)  # an MP4 or sidecar there that ddm did not render is never overwritten
+    with output_lock(out_path, "video"):
+        return _render(model_dir, prompt, out_path, info, plan, video, ranks, threads, timeout, progress_callback)
+
+
+def _render(model_dir, prompt, out_path, info, plan, video, ranks, threads, timeout, progress_callback) -> dict:
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()

@@ -15,8 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from ddm import UsageError
-from ddm import run_reporting_usage_errors
+from ddm import OneLineParser, UsageError, run_reporting_usage_errors
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise UsageError(f"prompts file not found: {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read prompts file {path}: {e}") from None
     if not prompts:
         raise UsageError(f"no prompts in {path}")
     return prompts
@@ -58,14 +60,18 @@ def video_name(index: int, prompt: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from ddm.io import claim_dir, output_lock
     from parallel_infer.loader import inspect_model
     from parallel_infer.render import VideoSettings, check_prompts, complete_sidecar, plan_video, settings_record
 
+    from ddm.checks import check_range
+    from ddm.io import check_owned
+
     # Everything the user typed is checked here, on every rank, before any weight loads or collective call.
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    check_range("--timeout", args.timeout, above=0)
     if args.threads is not None and args.threads <= 0:
         raise UsageError(f"--threads must be positive, got {args.threads}")
+    check_owned(args.out, "videos")
     prompts = read_prompts(args.prompts)
     settings = VideoSettings(
         frames=args.frames, seconds=args.seconds, fps=args.fps, height=args.height, width=args.width, steps=args.steps,
@@ -81,7 +87,11 @@ def run(args: argparse.Namespace) -> int:
         path, seed = args.out / video_name(i, prompt), settings.seed + i
         done = complete_sidecar(path, settings_record(info, plan, settings, prompt, seed))
         videos.append((path, prompt, seed, done))
-    return render_batch(args, info, plan, settings, videos)
+    if os.environ.get("RANK", "0") != "0":
+        return render_batch(args, info, plan, settings, videos)
+    with output_lock(args.out):  # rank 0 writes; a second batch on this --out stops here
+        claim_dir(args.out, "videos")
+        return render_batch(args, info, plan, settings, videos)
 
 
 def render_batch(args, info, plan, settings, videos) -> int:
@@ -128,7 +138,7 @@ def render_batch(args, info, plan, settings, videos) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run_reporting_usage_errors(run, parser.parse_args(argv))
 

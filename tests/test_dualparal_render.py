@@ -130,7 +130,7 @@ def test_cli_renders_skips_and_refuses(cli, pixel_model, tmp_path, capsys):
 
     assert cli.main(args()) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["0000-a-cat-runs.json", "0000-a-cat-runs.mp4", "0001-a-dog-jumps.json", "0001-a-dog-jumps.mp4"]
+    assert names == [".ddm-owner.json", "0000-a-cat-runs.json", "0000-a-cat-runs.mp4", "0001-a-dog-jumps.json", "0001-a-dog-jumps.mp4"]
     sidecar = json.loads((out / "0001-a-dog-jumps.json").read_text())
     assert sidecar["settings"]["seed"] == 6 and sidecar["ranks"] == 1 and sidecar["bytes_sent"] == 0
     stamp = (out / "0000-a-cat-runs.mp4").stat().st_mtime_ns
