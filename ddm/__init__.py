@@ -16,6 +16,12 @@ class UsageError(ValueError):
     """Bad input from the user: the CLI prints it as one line and exits with code 2, before heavy work."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library errors often append pages of detail), for one-line errors."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (exit 2) like every other bad input; `--help` shows usage."""
 

@@ -193,7 +193,7 @@ def check_owned(path: Path, kind: str, what: str = "--out") -> None:
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise UsageError(f"{what} {folder} is not empty and was not written by ddm ({shown}); refusing to touch it")
         if mark["kind"] != kind:
-            raise UsageError(f"{what} {folder} holds a ddm {mark['kind']}, not a {kind}; refusing to replace it")
+            raise UsageError(f"{what} {folder} holds a ddm {mark['kind']} (expected: {kind}); refusing to replace it")
         if isinstance(mark.get("files"), dict):
             foreign = [rel for rel in tree_digests(folder) if rel not in mark["files"]]
             if foreign:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddm import UsageError
+from ddm import UsageError, first_line
 from ddm.data.moving_digits import DIGIT_SIZE
 
 DETECTOR_PATH = Path(__file__).parent / "assets" / "digit_detector.safetensors"
@@ -204,7 +204,7 @@ def load_frames(path: Path, canvas: int | None) -> torch.Tensor:
     except UsageError:
         raise
     except Exception as e:  # each reader (ffmpeg/pyav, safetensors, numpy) has its own errors for a bad file
-        raise UsageError(f"cannot read video {path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+        raise UsageError(f"cannot read video {path}: {type(e).__name__}: {first_line(e)}") from None
     if frames.dim() == 4 and 1 in frames.shape[:2]:
         frames = frames.squeeze(0 if frames.shape[0] == 1 else 1)
     if frames.dim() != 3:

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ddm import UsageError
+from ddm import UsageError, first_line
 from ddm.io import verify_owned
 
 TEXT_TOKENS = 512  # Wan's text length: UMT5 output padded with zeros to this many tokens
@@ -186,7 +186,7 @@ def _load(cls, path: Path, **kwargs):
         return cls.from_pretrained(path, use_safetensors=True, **kwargs)
     except (OSError, SafetensorError, ValueError, TypeError, KeyError, RuntimeError, json.JSONDecodeError) as e:
         where = Path(path) / kwargs.get("subfolder", "")
-        raise UsageError(f"cannot load {cls.__name__} from {where}: {' '.join(str(e).split())[:300]}") from None
+        raise UsageError(f"cannot load {cls.__name__} from {where}: {first_line(e)}") from None
 
 
 def _no_grad(fn):
@@ -229,7 +229,7 @@ def _precomputed_embeddings(path: Path) -> Callable[[list[str]], torch.Tensor]:
     try:
         tensors = load_file(path / "prompt_embeds.safetensors")
     except Exception as e:  # safetensors' error for a damaged file is no OSError
-        raise UsageError(f"cannot read {path / 'prompt_embeds.safetensors'}: {' '.join(str(e).split())[:200]}") from None
+        raise UsageError(f"cannot read {path / 'prompt_embeds.safetensors'}: {first_line(e)}") from None
     index = {p: i for i, p in enumerate(prompts)}
 
     def encode(requested: list[str]) -> torch.Tensor:

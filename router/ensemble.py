@@ -16,7 +16,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from safetensors import SafetensorError
 from torch import nn
 
-from ddm import UsageError
+from ddm import UsageError, first_line
 from ddm.models.experts import load_expert
 from ddm.io import atomic_write_json, replaced_dir, replacing_dir, verify_owned
 from router.model import RouterModel
@@ -37,7 +37,7 @@ def load_router(path: str | Path, device=None, dtype=None) -> RouterModel:
     try:
         router = RouterModel.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
     except (OSError, SafetensorError, ValueError, TypeError, KeyError, RuntimeError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot load router from {path}: {' '.join(str(e).split())[:300]}") from None
+        raise UsageError(f"cannot load router from {path}: {first_line(e)}") from None
     return router.to(device).eval().requires_grad_(False)
 
 

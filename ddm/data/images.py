@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ddm import UsageError
+from ddm import UsageError, first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -99,7 +99,7 @@ class ImageFolderDataset(Dataset):
                 im = im.crop((left, top, left + self.image_size, top + self.image_size))
                 arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's errors for a bad file
-            raise UsageError(f"cannot read image {self.files[i]}: {' '.join(str(e).split())}") from None
+            raise UsageError(f"cannot read image {self.files[i]}: {first_line(e)}") from None
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, i):

@@ -18,7 +18,7 @@ import torch
 from diffusers import DiTTransformer2DModel, WanTransformer3DModel
 from safetensors import SafetensorError
 
-from ddm import UsageError
+from ddm import UsageError, first_line
 from ddm.flow import FlowConfig
 
 EXPERT_FORMAT = "ddm-expert/1"
@@ -67,7 +67,7 @@ def read_expert_meta(path: str | Path) -> dict:
         raise UsageError(f"{meta_path}: unknown format {found!r}, expected {EXPERT_FORMAT}")
     for key, kind in META_TYPES.items():
         if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
-            raise UsageError(f"{meta_path}: {key}={meta[key]!r} is not a {kind.__name__}")
+            raise UsageError(f"{meta_path}: {key}={meta[key]!r} is not of type {kind.__name__}")
     if meta.get("island", "all") != "all" and (not isinstance(meta["island"], int) or isinstance(meta["island"], bool)):
         raise UsageError(f"{meta_path}: island={meta['island']!r} is not an index or 'all'")
     if "model_class" not in meta:
@@ -93,7 +93,7 @@ def load_expert(path: str | Path, weights: str = "ema", device=None, dtype=None)
         # not subfolder="raw": diffusers then prefers the top-level (EMA) weights file when one exists
         model = cls.from_pretrained(path / "raw" if weights == "raw" else path, torch_dtype=dtype, use_safetensors=True)
     except (OSError, SafetensorError, ValueError, TypeError, KeyError, RuntimeError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot load expert weights from {path}: {' '.join(str(e).split())[:300]}") from None
+        raise UsageError(f"cannot load expert weights from {path}: {first_line(e)}") from None
     if device is not None:
         model.to(device)
     return model.eval().requires_grad_(False), meta

@@ -102,7 +102,7 @@ def check_fields(meta: dict, tensors: dict, path: Path) -> dict:
         if key not in meta:
             raise UsageError(f"manifest {path}: manifest.json has no {key!r}")
         if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
-            raise UsageError(f"manifest {path}: {key}={meta[key]!r} is not a {kind.__name__}")
+            raise UsageError(f"manifest {path}: {key}={meta[key]!r} is not of type {kind.__name__}")
     k = meta["k"]
     if k < 1:
         raise UsageError(f"manifest {path}: k={k} must be >= 1")

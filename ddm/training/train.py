@@ -136,8 +136,9 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train under an exclusive lock on --out (taken by the first process), so two runs never share a folder."""
-    from ddm.io import output_lock
+    from ddm.io import check_writable, output_lock
 
+    check_writable(Path(args.out), "--out", directory=True)
     with output_lock(Path(args.out)) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
         return train_island(args)
 
