@@ -60,12 +60,10 @@ def video_name(index: int, prompt: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from ddm.io import claim_dir, output_lock
+    from ddm.checks import check_range
+    from ddm.io import check_owned, output_lock
     from parallel_infer.loader import inspect_model
     from parallel_infer.render import VideoSettings, check_prompts, complete_sidecar, plan_video, settings_record
-
-    from ddm.checks import check_range
-    from ddm.io import check_owned
 
     # Everything the user typed is checked here, on every rank, before any weight loads or collective call.
     check_range("--timeout", args.timeout, above=0)
@@ -90,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":
         return render_batch(args, info, plan, settings, videos)
     with output_lock(args.out):  # rank 0 writes; a second batch on this --out stops here
-        claim_dir(args.out, "videos")
         return render_batch(args, info, plan, settings, videos)
 
 
@@ -99,7 +96,7 @@ def render_batch(args, info, plan, settings, videos) -> int:
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from ddm.io import atomic_write_json
+    from ddm.io import atomic_write_json, claim_dir
     from parallel_infer.api import default_dtype
     from parallel_infer.distributed import fail, init_from_env, ready
     from parallel_infer.loader import load_model
@@ -115,6 +112,8 @@ def render_batch(args, info, plan, settings, videos) -> int:
             dist.broadcast(todo, 0)
         model = load_model(info, device, default_dtype(device), load_vae=rank == 0)
         ready()
+        if rank == 0:
+            claim_dir(args.out, "videos")  # created and marked as ours once the model loaded, before any video
         loaded = time.perf_counter()
         renderer = Renderer(model, plan, settings, args.timeout)
         for (path, prompt, seed, _), needed in zip(videos, todo.tolist()):
