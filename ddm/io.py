@@ -334,3 +334,15 @@ def _remove_empty(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             return
+
+
+def load_pretrained(cls, path: Path, what: str, **kwargs):
+    """`cls.from_pretrained(path, use_safetensors=True, ...)`: weights from safetensors only (a pickle .bin is
+    refused, never unpickled), and any failure to load as a one-line UsageError naming `what` and the folder."""
+    from ddm import first_line
+
+    try:
+        return cls.from_pretrained(path, use_safetensors=True, **kwargs)
+    except (OSError, SafetensorError, ValueError, TypeError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+        where = Path(path) / kwargs.get("subfolder", "")
+        raise UsageError(f"cannot load {what} from {where}: {first_line(e)}") from None

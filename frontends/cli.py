@@ -2,7 +2,6 @@
 modules are imported only when their command runs, so `ddm --help` stays fast."""
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ddm import UsageError, first_line
-from ddm.io import verify_owned
+from ddm.io import load_pretrained, verify_owned
 
 TEXT_TOKENS = 512  # Wan's text length: UMT5 output padded with zeros to this many tokens
 DEFAULT_FLOW_SHIFT = 3.0  # Wan2.1 T2V at 480p
@@ -179,14 +179,7 @@ def load_model(info: ModelInfo, device=None, dtype=torch.float32, load_vae: bool
 
 
 def _load(cls, path: Path, **kwargs):
-    """`cls.from_pretrained` from safetensors only (a pickle .bin is refused), its errors as one line."""
-    from safetensors import SafetensorError
-
-    try:
-        return cls.from_pretrained(path, use_safetensors=True, **kwargs)
-    except (OSError, SafetensorError, ValueError, TypeError, KeyError, RuntimeError, json.JSONDecodeError) as e:
-        where = Path(path) / kwargs.get("subfolder", "")
-        raise UsageError(f"cannot load {cls.__name__} from {where}: {first_line(e)}") from None
+    return load_pretrained(cls, path, cls.__name__, **kwargs)
 
 
 def _no_grad(fn):

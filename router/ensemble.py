@@ -13,12 +13,11 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
-from safetensors import SafetensorError
 from torch import nn
 
-from ddm import UsageError, first_line
+from ddm import UsageError
 from ddm.models.experts import load_expert
-from ddm.io import atomic_write_json, replaced_dir, replacing_dir, verify_owned
+from ddm.io import atomic_write_json, load_pretrained, replaced_dir, replacing_dir, verify_owned
 from router.model import RouterModel
 from router.strategies import DEFAULT_STRATEGY, parse_strategy
 
@@ -34,10 +33,7 @@ def load_router(path: str | Path, device=None, dtype=None) -> RouterModel:
         raise UsageError(f"not a router directory (no config.json): {path}")
     verify_owned(path, "router")
     check_router_config(path)
-    try:
-        router = RouterModel.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
-    except (OSError, SafetensorError, ValueError, TypeError, KeyError, RuntimeError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot load router from {path}: {first_line(e)}") from None
+    router = load_pretrained(RouterModel, path, "router", torch_dtype=dtype)
     return router.to(device).eval().requires_grad_(False)
 
 

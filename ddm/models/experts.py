@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel, WanTransformer3DModel
-from safetensors import SafetensorError
 
-from ddm import UsageError, first_line
+from ddm import UsageError
 from ddm.flow import FlowConfig
 
 EXPERT_FORMAT = "ddm-expert/1"
@@ -79,7 +78,7 @@ def load_expert(path: str | Path, weights: str = "ema", device=None, dtype=None)
     """(model in eval mode, expert.json dict). `weights` is 'ema' (default, for sampling) or 'raw'.
 
     Every file is checked against the SHA-256 in expert.json first, and only safetensors weights are read."""
-    from ddm.io import verify_digests
+    from ddm.io import load_pretrained, verify_digests
 
     path = Path(path)
     meta = read_expert_meta(path)
@@ -89,11 +88,8 @@ def load_expert(path: str | Path, weights: str = "ema", device=None, dtype=None)
     if weights not in ("ema", "raw"):
         raise UsageError(f"weights must be 'ema' or 'raw', got {weights!r}")
     verify_digests(path, meta.get("files", {}), "expert")
-    try:
-        # not subfolder="raw": diffusers then prefers the top-level (EMA) weights file when one exists
-        model = cls.from_pretrained(path / "raw" if weights == "raw" else path, torch_dtype=dtype, use_safetensors=True)
-    except (OSError, SafetensorError, ValueError, TypeError, KeyError, RuntimeError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot load expert weights from {path}: {first_line(e)}") from None
+    # not subfolder="raw": diffusers then prefers the top-level (EMA) weights file when one exists
+    model = load_pretrained(cls, path / "raw" if weights == "raw" else path, "expert weights", torch_dtype=dtype)
     if device is not None:
         model.to(device)
     return model.eval().requires_grad_(False), meta

@@ -134,11 +134,11 @@ class VideoModality(Modality):
             network.prompt_encoder.save_pretrained(staging)
 
     def load_extras(self, network, directory):
-        from ddm.io import verify_owned
+        from ddm.io import load_pretrained, verify_owned
         from ddm.models.prompt_encoder import PromptEncoder
 
         verify_owned(Path(directory) / "prompt_encoder", "prompt encoder")
-        loaded = PromptEncoder.from_pretrained(Path(directory) / "prompt_encoder", use_safetensors=True)
+        loaded = load_pretrained(PromptEncoder, Path(directory) / "prompt_encoder", "prompt encoder")
         network.prompt_encoder.load_state_dict(loaded.state_dict())
 
     def expert_meta(self):
