@@ -77,7 +77,7 @@ def read_expert_meta(path: str | Path) -> dict:
 def load_expert(path: str | Path, weights: str = "ema", device=None, dtype=None) -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, expert.json dict). `weights` is 'ema' (default, for sampling) or 'raw'.
 
-    Every file is checked against the SHA-256 in expert.json first, and only safetensors weights are read."""
+    The files of those weights are checked against the SHA-256 in expert.json first; only safetensors are read."""
     from ddm.io import load_pretrained, verify_digests
 
     path = Path(path)
@@ -87,7 +87,9 @@ def load_expert(path: str | Path, weights: str = "ema", device=None, dtype=None)
         raise UsageError(f"{path}: unsupported model class {meta['model_class']!r}")
     if weights not in ("ema", "raw"):
         raise UsageError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    verify_digests(path, meta.get("files", {}), "expert")
+    # the files of the weights asked for: an EMA view copied without raw/ still loads
+    files = {rel: digest for rel, digest in meta.get("files", {}).items() if rel.startswith("raw/") == (weights == "raw")}
+    verify_digests(path, files, "expert")
     # not subfolder="raw": diffusers then prefers the top-level (EMA) weights file when one exists
     model = load_pretrained(cls, path / "raw" if weights == "raw" else path, "expert weights", torch_dtype=dtype)
     if device is not None:
