@@ -245,3 +245,20 @@ def test_pickle_weights_are_refused_by_every_loader(tmp_path):
     PromptEncoder(vocabulary=["cat"], max_length=2, dim=16).save_pretrained(expert / "prompt_encoder", safe_serialization=False)
     with pytest.raises(UsageError, match="cannot load PromptEncoder"):
         load_model(inspect_model(expert))
+
+
+def test_an_image_damaged_after_partitioning_stops_training_with_one_line(tmp_path, capsys):
+    """The folder's fingerprint (names and sizes) still matches: the damage shows when the trainer reads the image."""
+    from PIL import Image
+
+    for i in range(8):
+        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (30 * i, 90, 200 - 20 * i)).save(tmp_path / "data" / f"c{i % 2}" / f"{i}.png")
+    assert main(["partition", "--data", str(tmp_path / "data"), "--image-size", "8", "--k", "1", "--random",
+                 "--out", str(tmp_path / "m")]) == 0
+    damaged = tmp_path / "data" / "c1" / "3.png"
+    damaged.write_bytes(b"\0" * damaged.stat().st_size)
+    capsys.readouterr()
+    assert main(["train", "--manifest", str(tmp_path / "m"), "--island", "0", *TINY, "--steps", "2",
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "3.png" in one_error_line(capsys) and not (tmp_path / "e" / "expert.json").exists()
