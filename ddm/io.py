@@ -22,6 +22,8 @@ from ddm import UsageError
 
 OWNER_FILE = ".ddm-owner.json"  # the mark: which kind of artifact ddm wrote here, and its files' SHA-256
 OWNER_FORMAT = "ddm-owner/1"
+LOCK_FILE = ".ddm-lock"  # inside an output folder while a process writes it (see output_lock)
+BOOKKEEPING = {OWNER_FILE, LOCK_FILE}  # never part of an artifact's files
 
 
 def _umask() -> int:
@@ -92,7 +94,7 @@ def atomic_replace_dir(staging: Path, final: Path, *, kind: str, what: str = "--
     """
     staging, final = Path(staging), Path(final)
     if check_owner:
-        check_owned(final, kind, what)
+        check_owned(final, kind, what, writable=False)
     mark_owned(staging, kind, tree_digests(staging))
     old = final.with_name(final.name + ".old")
     if old.exists():
@@ -134,7 +136,7 @@ def sha256_file(path: Path) -> str:
 def tree_digests(root: Path) -> dict[str, str]:
     """SHA-256 of every file below `root` (relative POSIX path -> hex), marks left out."""
     root = Path(root)
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != OWNER_FILE}
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name not in BOOKKEEPING}
 
 
 def verify_digests(root: Path, digests: dict[str, str], what: str) -> None:
@@ -175,17 +177,17 @@ def verify_owned(path: Path, what: str) -> None:
         verify_digests(path, mark["files"], what)
 
 
-def check_owned(path: Path, kind: str, what: str = "--out") -> None:
+def check_owned(path: Path, kind: str, what: str = "--out", writable: bool = True) -> None:
     """UsageError unless ddm may write the folder `path` as a `kind`: it is absent, empty, or marked as a `kind`
     (and, when the mark lists its files, holds no other file). The same holds for a `path.old` a crash left.
-    Also checks, writing nothing, that the folder can be created or written."""
+    With `writable`, also that the folder can be created or written (`check_writable`)."""
     path = Path(path)
     for folder in (path, path.with_name(path.name + ".old")):
         if not folder.exists() and not folder.is_symlink():
             continue
         if folder.is_symlink() or not folder.is_dir():
             raise UsageError(f"{what} {folder} exists and is not a directory; refusing to replace it")
-        entries = sorted(p.name for p in folder.iterdir())
+        entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
         if not entries:
             continue
         mark = read_owner(folder)
@@ -201,7 +203,8 @@ def check_owned(path: Path, kind: str, what: str = "--out") -> None:
                     f"{what} {folder} holds files that are not part of its {kind} ({', '.join(foreign[:3])}); "
                     "move them out first"
                 )
-    check_writable(path, what, directory=True)
+    if writable:
+        check_writable(path, what, directory=True)
 
 
 def claim_dir(path: Path, kind: str, what: str = "--out") -> Path:
@@ -273,20 +276,24 @@ def check_json_output(path: Path, fmt: str, what: str = "--out") -> None:
 # --- one writer at a time ------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def output_lock(path: Path, what: str = "--out"):
-    """Hold an exclusive lock on the output `path` (a folder or file) while writing it.
+def output_lock(path: Path, what: str = "--out", folder: bool = True):
+    """Hold an exclusive lock on the output `path` while writing it; UsageError naming the holder's PID if another
+    process holds it, or if `path` cannot be written.
 
-    The lock is `fcntl.flock` on `.<name>.lock` beside `path`, so the OS drops it when the process dies and a
-    kill never leaves a stale lock; the file holds the holder's PID for the error a second writer gets.
-    Folders created for the lock file are removed again if they stay empty.
+    The lock is `fcntl.flock` on a lock file, so the OS drops it when the process dies and a kill never leaves a
+    stale lock; the file holds the holder's PID. A folder output keeps it inside (`.ddm-lock`: a run writes nowhere
+    else; the folder is created for it, and removed again if it stays empty), a file output beside it
+    (`.<name>.lock`). Creating it is also the check that the output can be written.
     """
     path = Path(os.path.abspath(path))
-    lock_path = path.with_name(f".{path.name}.lock")
+    if folder and path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} exists and is not a directory")
+    lock_path = path / LOCK_FILE if folder else path.with_name(f".{path.name}.lock")
     created = []
-    folder = lock_path.parent
-    while not folder.exists():
-        created.append(folder)
-        folder = folder.parent
+    parent = lock_path.parent
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         fd = _acquire(lock_path, path, what)
@@ -301,8 +308,9 @@ def output_lock(path: Path, what: str = "--out"):
         os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(lock_path)  # while still held: a waiting writer re-checks the inode it locked
+        with contextlib.suppress(OSError):  # still held: remove it unless a replaced folder took it away already
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                os.unlink(lock_path)
         os.close(fd)
         _remove_empty(created)
 

@@ -220,6 +220,6 @@ def run(args) -> int:
     result["reference"] = "digits held-out 20% (seed 0)" if not real_data else str(args.reference)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
     if args.out:
-        with output_lock(Path(args.out)):
+        with output_lock(Path(args.out), folder=False):
             atomic_write_json(Path(args.out), {"format": EVAL_FORMAT, **result})
     return 0

@@ -321,7 +321,7 @@ def run(args) -> int:
     if args.out:
         from ddm.io import atomic_write_json, output_lock
 
-        with output_lock(args.out):
+        with output_lock(args.out, folder=False):
             atomic_write_json(args.out, {"format": RESULTS_FORMAT, "results": results})
     return 0
 

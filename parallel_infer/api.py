@@ -53,7 +53,7 @@ def render_video(
     plan = plan_video(info, video, ranks)
     check_prompts(info, plan, video, [prompt])
     owned_sidecar(out_path)  # an MP4 or sidecar there that ddm did not render is never overwritten
-    with output_lock(out_path, "video"):
+    with output_lock(out_path, "video", folder=False):
         return _render(model_dir, prompt, out_path, info, plan, video, ranks, threads, timeout, progress_callback)
 
 

@@ -134,7 +134,7 @@ def run(args) -> int:
         raise UsageError(f"--classes {bad[0]} is outside 0..{num_classes - 1}")
     classes = torch.tensor(args.classes if args.classes else list(range(num_classes)))
     labels = classes.repeat(math.ceil(args.n / len(classes)))[: args.n]
-    with output_lock(out), output_lock(Path(args.save_ensemble)) if args.save_ensemble else contextlib.nullcontext():
+    with output_lock(out, folder=False), output_lock(Path(args.save_ensemble)) if args.save_ensemble else contextlib.nullcontext():
         pipe = make_pipeline(ensemble, ensemble.metas[0]["flow"]["shift"])
         images = pipe(labels, args.steps, args.cfg, torch.Generator().manual_seed(args.seed), output_type="pt").images
         if not torch.isfinite(images).all():

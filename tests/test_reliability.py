@@ -75,7 +75,7 @@ def test_a_second_writer_is_refused_naming_the_holder(world, tmp_path, capsys, c
     out = tmp_path / "out"
     argv = writers(world, out)[command]
     target = Path(argv[-1])
-    with output_lock(target):  # as another process would hold it (flock: one open file description each)
+    with output_lock(target, folder=command != "sample"):  # as another process would (flock: per open file)
         capsys.readouterr()
         assert main(argv) == 2
         line = one_error_line(capsys)
@@ -97,13 +97,14 @@ def test_a_killed_holder_leaves_no_stale_lock(world, tmp_path, capsys):
         assert holder.stdout.readline().strip() == "locked"
         capsys.readouterr()
         assert main(train_argv(world, out, "--steps", "1")) == 2
-        assert f"PID {holder.pid}" in one_error_line(capsys) and not out.exists()
+        assert f"PID {holder.pid}" in one_error_line(capsys)
+        assert [p.name for p in out.iterdir()] == [".ddm-lock"]  # the holder's lock file, nothing of ours
     finally:
         holder.kill()
         holder.wait()
-    assert (tmp_path / ".expert.lock").exists()  # left by the kill: a file, but no lock
+    assert (out / ".ddm-lock").exists()  # left by the kill: a file, but no lock
     assert main(train_argv(world, out, "--steps", "1")) == 0
-    assert not (tmp_path / ".expert.lock").exists()
+    assert not (out / ".ddm-lock").exists() and (out / "expert.json").is_file()
 
 
 # --- writers replace their own outputs ------------------------------------------------------------------------

@@ -75,14 +75,12 @@ def parse_island(value: str) -> int | str:
 
 def check_out_dir(out: Path, resume_required: bool) -> Path | None:
     """The training state to resume from, or None for a fresh run; refuses a folder that is not an expert's."""
-    from ddm.io import check_owned, check_writable, read_owner
+    from ddm.io import check_owned, read_owner
     from ddm.training.checkpoint import find_state
 
     state = find_state(out) if out.is_dir() else None
-    if state is not None and read_owner(out) is None:  # trained before ddm marked its folders: the state says it is ours
-        check_writable(out, "--out", directory=True)
-    else:
-        check_owned(out, "expert")
+    if state is None or read_owner(out) is not None:  # else trained before ddm marked its folders: the state says it is ours
+        check_owned(out, "expert", writable=False)  # taking the lock inside it showed that it can be written
     if state is None and resume_required:
         raise UsageError(f"--resume given but {out} holds no training state")
     return state
@@ -136,9 +134,8 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train under an exclusive lock on --out (taken by the first process), so two runs never share a folder."""
-    from ddm.io import check_writable, output_lock
+    from ddm.io import output_lock
 
-    check_writable(Path(args.out), "--out", directory=True)
     with output_lock(Path(args.out)) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
         return train_island(args)
 
