@@ -169,7 +169,7 @@ def add_arguments(p) -> None:
     p.add_argument("--feature-model", help="local transformers vision checkpoint for real data")
     p.add_argument("--reference", help="folder of held-out real images for real data")
     p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--out", help="write the metrics JSON here (a new file, or one ddm wrote)")
 
 
 def check_samples(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int) -> None:

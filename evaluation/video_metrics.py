@@ -259,7 +259,7 @@ def add_arguments(p) -> None:
     p.add_argument("--block", type=int, default=None, help="frames per DualParal block, for the seam score (default: the sidecar's)")
     p.add_argument("--first-block", type=int, default=None, help="frames in the first block (default: block + cat from the sidecar, else --block)")
     p.add_argument("--canvas", type=int, default=None, help="resize frames to this square canvas (an upscaled MP4)")
-    p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
+    p.add_argument("--out", type=Path, default=None, help="write the results here as JSON (a new file, or one ddm wrote)")
 
 
 def sidecar_record(path: Path) -> dict:

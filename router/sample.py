@@ -88,8 +88,8 @@ def add_arguments(p) -> None:
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG grid")
-    p.add_argument("--out", required=True, help="grid PNG path")
-    p.add_argument("--save-ensemble", help="also save the ensemble (router + experts + strategy) to this directory")
+    p.add_argument("--out", required=True, help="grid PNG path (OUT.json and OUT.safetensors go beside it; files ddm did not write are never replaced)")
+    p.add_argument("--save-ensemble", help="also save the ensemble (router + experts + strategy) to this folder: new, empty, or an ensemble ddm wrote")
 
 
 def check_outputs(out: Path) -> None:

@@ -177,7 +177,7 @@ def print_metrics(metrics: dict) -> None:
 def add_arguments(p) -> None:
     p.add_argument("--manifest", required=True, help="partition manifest directory")
     p.add_argument("--experts", nargs="+", required=True, help="expert directories (their expert.json gives the noise path)")
-    p.add_argument("--out", required=True, help="router output directory")
+    p.add_argument("--out", required=True, help="router folder: new, empty, or a router ddm wrote (replaced)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)

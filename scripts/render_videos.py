@@ -21,7 +21,7 @@ from ddm import OneLineParser, UsageError, run_reporting_usage_errors
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path, help="diffusers Wan folder or a video expert directory")
     p.add_argument("--prompts", required=True, type=Path, help="text file, one prompt per line")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--out", required=True, type=Path, help="folder of videos: new, empty, or one ddm rendered into")
     length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--frames", type=int, help="video frames (must fit the block layout)")
     length.add_argument("--seconds", type=float, help="video length; the layout is rounded up, the video is cut to it")

@@ -27,7 +27,7 @@ FINE_CLUSTERS = 1024
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help="'digits' (embedded) or an image folder")
     p.add_argument("--k", type=int, required=True, help="number of islands")
-    p.add_argument("--out", required=True, help="manifest directory to write")
+    p.add_argument("--out", required=True, help="manifest folder: new, empty, or a manifest ddm wrote (replaced)")
     p.add_argument("--features", default="pixels-pca", help="extractor name (pixels-pca, pixels) or a local transformers checkpoint")
     p.add_argument("--image-size", type=int, default=None, help="resize + center-crop size for an image folder")
     method = p.add_mutually_exclusive_group()

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--manifest", required=True, help="partition manifest directory (read only)")
     p.add_argument("--island", required=True, help="island index 0..K-1, or 'all' for the monolith")
-    p.add_argument("--out", required=True, help="expert directory: the only place this run writes")
+    p.add_argument("--out", required=True, help="expert folder, the only place this run writes: new, empty, or an expert ddm wrote (resumed)")
     p.add_argument("--modality", default="image", help=f"one of {', '.join(MODALITIES)}")
     p.add_argument("--preset", default="small", help="model size preset (tiny, small, base)")
     p.add_argument("--steps", type=int, default=2000, help="total optimizer steps (may be raised on resume)")
