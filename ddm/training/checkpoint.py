@@ -149,3 +149,10 @@ def load_state(path: Path, rank: int) -> dict:
 def config_difference(saved: dict, current: dict) -> list[str]:
     keys = sorted(set(saved) | set(current))
     return [f"{k}={saved.get(k)!r} (checkpoint) vs {current.get(k)!r} (now)" for k in keys if saved.get(k) != current.get(k)]
+
+
+def diverged(out: Path, step: int, what: str) -> UsageError:
+    """The error that stops a run whose numbers turned non-finite, before anything more of it is saved."""
+    state = find_state(out)
+    kept = f"its last checkpoint with finite weights (step {read_state_meta(state)['step']}) stays in {state}" if state else "no checkpoint was saved"
+    return UsageError(f"training diverged at step {step}: {what}; stopped, {kept}. Lower --lr or set --grad-clip")

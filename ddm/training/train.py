@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ddm import OneLineParser, UsageError, run_reporting_usage_errors
-from ddm.training.checkpoint import STATE_DIR
+from ddm.training.checkpoint import STATE_DIR, diverged
 from ddm.data.stream import STREAM_NOISE, StreamSampler, derive_seed
 from ddm.flow import FlowConfig, add_noise, to_timestep, velocity_target
 
@@ -327,7 +327,7 @@ class IslandTrainer:
             if done % args.log_every == 0 or done == args.steps:
                 mean_loss = acc.reduce(loss_sum, reduction="mean").item() / interval_steps
                 if not math.isfinite(mean_loss):
-                    raise self.diverged(out, done, f"mean loss {mean_loss}")
+                    raise diverged(out, done, f"mean loss {mean_loss}")
                 now = time.perf_counter()
                 record = {
                     "step": done,
@@ -361,7 +361,7 @@ class IslandTrainer:
 
         acc = self.accelerator
         if not self.weights_finite():  # the replicas are equal, so every rank stops here together
-            raise self.diverged(out, step, "the weights are not finite")
+            raise diverged(out, step, "the weights are not finite")
         rank_rngs = gather_object([capture_rng()])
         digests = gather_object([weights_digest(self.unwrapped.state_dict())])
         if acc.is_main_process:
@@ -382,14 +382,6 @@ class IslandTrainer:
 
     def weights_finite(self) -> bool:
         return bool(torch.stack([p.detach().isfinite().all() for p in self.params]).all())
-
-    def diverged(self, out: Path, step: int, what: str) -> UsageError:
-        """The error that stops a run whose numbers turned non-finite, before anything of it is saved."""
-        from ddm.training.checkpoint import find_state, read_state_meta
-
-        state = find_state(out)
-        kept = f"the last good checkpoint (step {read_state_meta(state)['step']}) stays in {state}" if state else "no checkpoint was saved"
-        return UsageError(f"training diverged at step {step}: {what}; stopped, {kept}. Lower --lr or set --grad-clip")
 
     def write_expert_view(self, out: Path, step: int, meta: dict) -> None:
         from ddm.models.experts import write_expert
