@@ -173,6 +173,8 @@ def mark_owned(path: Path, kind: str, files: dict[str, str] | None = None) -> No
 def verify_owned(path: Path, what: str) -> None:
     """Check the files a folder's mark lists against their SHA-256 (a folder without a file list passes)."""
     mark = read_owner(path)
+    if mark is None and (Path(path) / OWNER_FILE).exists():
+        raise UsageError(f"{what} {path} is damaged: its {OWNER_FILE} is unreadable")
     if mark is not None and isinstance(mark.get("files"), dict):
         verify_digests(path, mark["files"], what)
 

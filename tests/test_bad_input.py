@@ -267,6 +267,8 @@ CASES = [
      lambda r, w: (shutil.copytree(r / "router", w / "router"), flip_byte(w / "router" / "diffusion_pytorch_model.safetensors", 2))),
     ("manifest-flipped-byte", [*TRAIN[:2], "{w}/m", *TRAIN[3:]], "partition.safetensors",
      copy_of("m", lambda d: flip_byte(d / "partition.safetensors"))),
+    ("manifest-damaged-mark", [*TRAIN[:2], "{w}/m", *TRAIN[3:]], ".ddm-owner.json",
+     copy_of("m", lambda d: (d / ".ddm-owner.json").write_text('{"format": "ddm-owner/1", "kind": "manif'))),
     ("bin-only-expert", [*SAMPLE[:4], "{w}/bin", *SAMPLE[5:]], "{w}/bin", bin_only_expert),
     # configs and manifests with wrong types or missing keys, corrupt images and media
     ("manifest-missing-k", [*TRAIN[:2], "{w}/bad", *TRAIN[3:]], "'k'", edited_manifest(lambda m, t: m.pop("k"))),
