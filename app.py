@@ -4,21 +4,33 @@
 
 It binds to 127.0.0.1 unless told otherwise, makes no public link unless `--share`, sends no analytics, and reads
 only below outputs/ and the `--allow-dir` folders. Every button is also an HTTP API endpoint (see `api_name`s).
-The actions themselves live in app_actions.py.
+No component takes a file, so the upload route is turned off. Rendered videos and Gradio's own copies of what it
+serves live in one folder per run, outputs/app-tmp/run-PID/, removed when the app exits (also on SIGINT or
+SIGTERM; a killed run's folder goes at the next start). The actions themselves live in app_actions.py.
 """
 from __future__ import annotations
 
 import os
-
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported, which reads it at import time
-
-import argparse
-import sys
 from pathlib import Path
 
+# Before gradio is imported, which reads both at import time: no analytics, and its temp files in our run folder.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+RUN_ROOT = Path(__file__).resolve().parent / "outputs" / "app-tmp"
+RUN_DIR = RUN_ROOT / f"run-{os.getpid()}"
+os.environ["GRADIO_TEMP_DIR"] = str(RUN_DIR / "gradio")
+
+import argparse
+import atexit
+import shutil
+import signal
+import sys
+
 import gradio as gr
+from starlette.middleware import Middleware
 
 from app_actions import APP_DIR, MAX_IMAGES, MAX_SECONDS, MAX_STEPS, MAX_WORKERS, Actions, AllowedRoots
+
+MAX_FILE_SIZE = "1mb"  # Gradio's upload limit, should an upload route ever be turned back on
 
 # Small images (8×8 digits) stay crisp when the browser enlarges them.
 CSS = ".pixelated img, .pixelated video { image-rendering: pixelated; }"
@@ -191,10 +203,62 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --port {args.port} is outside 1..65535", file=sys.stderr)
         return 2
     roots = AllowedRoots([APP_DIR / "outputs", *args.allow_dir])
-    app = build_app(Actions(roots), args.demo_dir)
+    start_run_dir()
+    videos = RUN_DIR / "videos"
+    app = build_app(Actions(roots, videos), args.demo_dir)
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS)
+    app.launch(
+        server_name=args.host, server_port=args.port, share=args.share, css=CSS, max_file_size=MAX_FILE_SIZE,
+        allowed_paths=[str(videos)],  # Gradio serves only files it made, from the temp dir or these folders
+        app_kwargs={"middleware": [Middleware(NoUploads)]},
+    )
     return 0
+
+
+class NoUploads:
+    """ASGI middleware: refuses Gradio's upload route (POST .../upload), which no component of this app needs."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].rstrip("/").lower().endswith("/upload"):
+            from starlette.responses import PlainTextResponse
+
+            await PlainTextResponse("uploads are turned off in this app", status_code=403)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def start_run_dir() -> None:
+    """This run's temp folder, removed at exit and on SIGINT/SIGTERM; folders of runs that were killed go now."""
+    for old in RUN_ROOT.glob("run-*"):
+        pid = old.name.removeprefix("run-")
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    atexit.register(remove_run_dir)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop_on_signal)
+
+
+def remove_run_dir() -> None:
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
+
+
+def stop_on_signal(signum, frame) -> None:
+    remove_run_dir()
+    os._exit(128 + signum)  # the server threads would keep a plain exit waiting; the temp files are gone already
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 if __name__ == "__main__":

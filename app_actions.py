@@ -9,7 +9,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -217,10 +216,10 @@ def training_curves_plot(curves: dict[str, tuple[list[int], list[float]]]) -> Fi
 class Actions:
     """The app's actions, bound to the folders it may read."""
 
-    def __init__(self, roots: AllowedRoots):
+    def __init__(self, roots: AllowedRoots, scratch: Path):
         self.roots = roots
-        # Rendered MP4s land here; Gradio copies what it serves into its own cache. Removed when the app exits.
-        self.scratch = tempfile.TemporaryDirectory(prefix="ddm-app-")
+        # Rendered MP4s land here (app.py removes the folder when the app exits); Gradio serves copies of them.
+        self.scratch = Path(scratch)
 
     @friendly
     def islands(self, manifest_dir: str, experts_dir: str, per_cluster: int = 8):
@@ -346,7 +345,8 @@ class Actions:
         cfg = float_in_range(cfg, "CFG scale", 1.0, 20.0)
         seed = int_in_range(seed, "Seed", 0, 2**31 - 1)
         workers = int_in_range(workers, "Worker processes", 1, MAX_WORKERS)
-        out = Path(self.scratch.name) / f"video-{uuid.uuid4().hex[:12]}.mp4"
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        out = self.scratch / f"video-{uuid.uuid4().hex[:12]}.mp4"
         progress(0, desc="loading the model")
         record = render_video(
             model_path, prompt, out, seconds=seconds, ranks=workers, fps=fps, height=height, width=width,

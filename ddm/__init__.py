@@ -5,6 +5,8 @@ Sub-packages, bottom to top: `ddm.data` → `ddm.partition` → `ddm.models` →
 """
 from __future__ import annotations
 
+import argparse
+import errno
 import sys
 
 __version__ = "0.2.0"
@@ -14,13 +16,40 @@ class UsageError(ValueError):
     """Bad input from the user: the CLI prints it as one line and exits with code 2, before heavy work."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library errors often append pages of detail), for one-line errors."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (exit 2) like every other bad input; `--help` shows usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+# Failures of the place a user told us to write (a full disk, a read-only folder): reported like bad input.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def run_reporting_usage_errors(run, *args) -> int:
-    """`run(*args)`'s exit code; a UsageError becomes one line on stderr and exit code 2 (for `ddm` and scripts)."""
+    """`run(*args)`'s exit code; a UsageError, or a write refused by the disk (full, read-only, no permission),
+    becomes one line on stderr and exit code 2 (for `ddm` and scripts)."""
     try:
         return run(*args) or 0
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        message = str(e)
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        message = f"cannot write {e.filename or 'the output'}: {e.strerror}"
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":  # safetensors' own I/O error (no OSError subclass)
+            raise
+        message = f"safetensors: {e}"
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 def command_args(add_arguments, **options):

@@ -21,6 +21,8 @@ from torch import nn
 from ddm import UsageError
 from ddm.io import atomic_write_json
 
+EVAL_FORMAT = "ddm-eval/1"  # in --out: marks the file as ours, so a re-run may replace it
+
 
 class ImageFeatures(nn.Module):
     """Adapts a feature function of images in [0, 1] to torchmetrics' custom-extractor interface."""
@@ -56,7 +58,11 @@ def load_samples(path: str | Path, channels: int, image_size: int | None) -> tup
             raise UsageError(f"cannot read samples {path}: {e}") from None
         if "images" not in tensors:
             raise UsageError(f"{path} has no 'images' tensor")
-        return tensors["images"].float(), tensors.get("labels")
+        images, labels = tensors["images"], tensors.get("labels")
+        if images.dim() != 4 or (labels is not None and (labels.dim() != 1 or len(labels) != len(images) or labels.is_floating_point())):
+            raise UsageError(f"{path}: expected images (N, C, H, W) and integer labels (N,), got {tuple(images.shape)} and "
+                             f"{None if labels is None else (labels.dtype, tuple(labels.shape))}")
+        return images.float(), labels
     if not path.is_dir():
         raise UsageError(f"samples not found: {path}")
     from ddm.data.images import ImageFolderDataset
@@ -138,7 +144,26 @@ def add_arguments(p) -> None:
     p.add_argument("--out", help="write the metrics JSON here")
 
 
+def check_samples(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int) -> None:
+    """Before FID (whose matrix square root crashes on them): finite values, labels that name a class."""
+    if not torch.isfinite(images).all():
+        raise UsageError(f"samples hold {int((~torch.isfinite(images)).sum())} non-finite values (nan or inf); refusing to score them")
+    if labels is not None and num_classes and len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise UsageError(f"sample labels {int(labels.min())}..{int(labels.max())} are outside the classes 0..{num_classes - 1}")
+
+
 def run(args) -> int:
+    from ddm.checks import check_range, check_seed
+    from ddm.io import check_json_output, output_lock
+
+    check_range("--cfg", args.cfg)
+    check_seed(args.seed)
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.image_size is not None and args.image_size < 1:
+        raise UsageError(f"--image-size must be >= 1, got {args.image_size}")
+    if args.out:
+        check_json_output(Path(args.out), EVAL_FORMAT)
     real_data = args.data != "digits"
     if real_data and not (args.feature_model and args.reference):
         raise UsageError(f"--data {args.data}: real data needs --feature-model PATH and --reference DIR (no downloads)")
@@ -162,9 +187,11 @@ def run(args) -> int:
         images, labels = generate(args.ensemble, args.n, args.strategy, args.steps, args.cfg, args.seed)
     if images.shape[1:] != reference.shape[1:]:
         raise UsageError(f"samples are {tuple(images.shape[1:])}, the reference set is {tuple(reference.shape[1:])}")
+    check_samples(images, labels, num_classes)
     result = evaluate_samples(images, labels, reference, features, classifier, num_classes)
     result["reference"] = "digits held-out 20% (seed 0)" if not real_data else str(args.reference)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
     if args.out:
-        atomic_write_json(Path(args.out), result)
+        with output_lock(Path(args.out), folder=False):
+            atomic_write_json(Path(args.out), {"format": EVAL_FORMAT, **result})
     return 0

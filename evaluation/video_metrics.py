@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddm import UsageError
+from ddm import UsageError, first_line
 from ddm.data.moving_digits import DIGIT_SIZE
 
 DETECTOR_PATH = Path(__file__).parent / "assets" / "digit_detector.safetensors"
+RESULTS_FORMAT = "ddm-eval-video/1"  # in --out: marks the file as ours, so a re-run may replace it
+MAX_CANVAS = 1024
 
 
 class DigitWindowClassifier(nn.Module):
@@ -189,31 +191,60 @@ def evaluate_frames(frames: torch.Tensor, prompt: str, block: int | None = None,
 
 
 def load_frames(path: Path, canvas: int | None) -> torch.Tensor:
-    """A video file -> (F, H, W) float in [-1, 1], area-resized to `canvas` x `canvas` when given."""
+    """A video file -> (F, H, W) float in [-1, 1], area-resized to `canvas` x `canvas` when given.
+
+    An MP4 with a sidecar is checked against it first: the SHA-256 the renderer recorded, and the frame count."""
     suffix = path.suffix.lower()
+    if suffix not in (".mp4", ".safetensors", ".npy"):
+        raise UsageError(f"{path}: unsupported video file (use .mp4, .safetensors or .npy)")
+    if suffix == ".mp4":
+        check_against_sidecar(path)
+    try:
+        frames = read_frames(path, suffix)
+    except UsageError:
+        raise
+    except Exception as e:  # each reader (ffmpeg/pyav, safetensors, numpy) has its own errors for a bad file
+        raise UsageError(f"cannot read video {path}: {type(e).__name__}: {first_line(e)}") from None
+    if frames.dim() == 4 and 1 in frames.shape[:2]:
+        frames = frames.squeeze(0 if frames.shape[0] == 1 else 1)
+    if frames.dim() != 3:
+        raise UsageError(f"{path}: expected frames shaped (F, H, W), got {tuple(frames.shape)}")
+    if not torch.isfinite(frames).all():
+        raise UsageError(f"{path}: frames hold non-finite values (nan or inf)")
+    written = sidecar_record(path).get("frames_written")
+    if suffix == ".mp4" and isinstance(written, int) and len(frames) != written:
+        raise UsageError(f"{path} has {len(frames)} frames but its sidecar says {written} were written: the file is incomplete")
+    if canvas and frames.shape[1:] != (canvas, canvas):
+        frames = F.interpolate(frames.unsqueeze(1), size=(canvas, canvas), mode="area").squeeze(1)
+    return frames
+
+
+def read_frames(path: Path, suffix: str) -> torch.Tensor:
     if suffix == ".mp4":
         import imageio.v3 as iio
 
         rgb = torch.from_numpy(np.asarray(iio.imread(path, plugin="pyav" if _has_pyav() else "FFMPEG")))
-        frames = rgb.float().mean(-1) / 127.5 - 1.0 if rgb.dim() == 4 else rgb.float() / 127.5 - 1.0
-    elif suffix == ".safetensors":
+        return rgb.float().mean(-1) / 127.5 - 1.0 if rgb.dim() == 4 else rgb.float() / 127.5 - 1.0
+    if suffix == ".safetensors":
         from safetensors.torch import load_file
 
         tensors = load_file(path)
         if "video" not in tensors:
             raise UsageError(f"{path}: no 'video' tensor (keys: {', '.join(tensors)})")
-        frames = tensors["video"].float()
-    elif suffix == ".npy":
-        frames = torch.from_numpy(np.load(path, allow_pickle=False)).float()
-    else:
-        raise UsageError(f"{path}: unsupported video file (use .mp4, .safetensors or .npy)")
-    if frames.dim() == 4 and 1 in frames.shape[:2]:
-        frames = frames.squeeze(0 if frames.shape[0] == 1 else 1)
-    if frames.dim() != 3:
-        raise UsageError(f"{path}: expected frames shaped (F, H, W), got {tuple(frames.shape)}")
-    if canvas and frames.shape[1:] != (canvas, canvas):
-        frames = F.interpolate(frames.unsqueeze(1), size=(canvas, canvas), mode="area").squeeze(1)
-    return frames
+        return tensors["video"].float()
+    array = np.load(path, allow_pickle=False)
+    if not np.issubdtype(array.dtype, np.number):
+        raise UsageError(f"{path}: holds {array.dtype} values, not numbers")
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def check_against_sidecar(path: Path) -> None:
+    """An MP4 whose bytes differ from what the renderer recorded is damaged or was replaced."""
+    from ddm.io import sha256_file
+
+    expected = sidecar_record(path).get("sha256")
+    if isinstance(expected, str) and sha256_file(path) != expected:
+        raise UsageError(f"{path} does not match the SHA-256 its sidecar recorded: the file is damaged or incomplete")
 
 
 def _has_pyav() -> bool:
@@ -228,16 +259,23 @@ def add_arguments(p) -> None:
     p.add_argument("--block", type=int, default=None, help="frames per DualParal block, for the seam score (default: the sidecar's)")
     p.add_argument("--first-block", type=int, default=None, help="frames in the first block (default: block + cat from the sidecar, else --block)")
     p.add_argument("--canvas", type=int, default=None, help="resize frames to this square canvas (an upscaled MP4)")
-    p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
+    p.add_argument("--out", type=Path, default=None, help="write the results here as JSON (a new file, or one ddm wrote)")
+
+
+def sidecar_record(path: Path) -> dict:
+    """The render record beside a video (the renderer writes `<video>.json`), or {}."""
+    sidecar = path.with_suffix(".json")
+    try:
+        record = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def sidecar_settings(path: Path) -> dict:
-    """The render settings beside a video (scripts/render_videos.py writes `<video>.json`), or {}."""
-    sidecar = path.with_suffix(".json")
-    try:
-        return json.loads(sidecar.read_text()).get("settings", {}) if sidecar.is_file() else {}
-    except json.JSONDecodeError:
-        return {}
+    """The render settings of a video's sidecar, or {}."""
+    settings = sidecar_record(path).get("settings", {})
+    return settings if isinstance(settings, dict) else {}
 
 
 def video_jobs(args) -> list[tuple[Path, str, int | None, int | None]]:
@@ -247,19 +285,26 @@ def video_jobs(args) -> list[tuple[Path, str, int | None, int | None]]:
     for name in ("block", "first_block", "canvas"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.canvas is not None and args.canvas > MAX_CANVAS:
+        raise UsageError(f"--canvas {args.canvas} is larger than {MAX_CANVAS} pixels (the digit videos are a few dozen)")
+    if args.out is not None:
+        from ddm.io import check_json_output
+
+        check_json_output(args.out, RESULTS_FORMAT)
     jobs = []
     for i, path in enumerate(args.paths):
         if not path.is_file():
             raise UsageError(f"video not found: {path}")
         settings = sidecar_settings(path)
         prompt = args.prompts[i if len(args.prompts) > 1 else 0] if args.prompts else settings.get("prompt")
-        if prompt is None:
+        if not isinstance(prompt, str):
             raise UsageError(f"no prompt for {path}: pass --prompts (it has no JSON sidecar naming one)")
         prompt_digits(prompt)
         block, first = args.block, args.first_block
         # Pixel space: one latent frame per video frame (a VAE packs several), the layout maybe cut at the end.
-        pixel_space = settings.get("frames", 0) >= settings.get("video_frames", 1)
-        if block is None and pixel_space and "block" in settings:
+        frames, video_frames = settings.get("frames"), settings.get("video_frames")
+        pixel_space = isinstance(frames, int) and isinstance(video_frames, int) and frames >= video_frames
+        if block is None and pixel_space and isinstance(settings.get("block"), int) and isinstance(settings.get("cat"), int):
             block, first = settings["block"], first or settings["block"] + settings["cat"]
         jobs.append((path, prompt, block, first))
     return jobs
@@ -274,9 +319,10 @@ def run(args) -> int:
         results.append({"path": str(path), **r, "block": block, "first_block": first or block})
     print(format_table(results))
     if args.out:
-        from ddm.io import atomic_write_json
+        from ddm.io import atomic_write_json, output_lock
 
-        atomic_write_json(args.out, {"results": results})
+        with output_lock(args.out, folder=False):
+            atomic_write_json(args.out, {"format": RESULTS_FORMAT, "results": results})
     return 0
 
 

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from ddm import __version__, run_reporting_usage_errors
+from ddm import OneLineParser, __version__, run_reporting_usage_errors
 
 COMMANDS = {
     "partition": ("ddm.partition.cluster", "cluster a data set into K islands and write a manifest"),
@@ -29,7 +29,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser(load: set[str] | None = None) -> argparse.ArgumentParser:
     """The `ddm` parser; the options of the commands in `load` (all when None) are filled in."""
-    parser = argparse.ArgumentParser(prog="ddm", description="Decentralized diffusion training (DDM) and DualParal long-video tools.")
+    parser = OneLineParser(prog="ddm", description="Decentralized diffusion training (DDM) and DualParal long-video tools.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ddm.io import output_lock
 from parallel_infer.batch import Request, Video, check_request, run_rank
-from parallel_infer.render import Progress, VideoSettings
+from parallel_infer.render import Progress, VideoSettings, owned_sidecar
 
 
 def render_video(
@@ -38,7 +39,14 @@ def render_video(
     Every setting is checked (UsageError) before any weight loads or process starts, as the CLI checks it.
     """
     video = VideoSettings(frames=frames, seconds=seconds, **settings)
-    request = check_request(model_dir, video, [Video(prompt, video.seed, Path(out_path))], ranks, timeout, threads)
+    out_path = Path(out_path)
+    request = check_request(model_dir, video, [Video(prompt, video.seed, out_path)], ranks, timeout, threads)
+    owned_sidecar(out_path)  # an MP4 or sidecar there that ddm did not render is never overwritten
+    with output_lock(out_path, "video", folder=False):
+        return _render(request, ranks, timeout, progress_callback)
+
+
+def _render(request: Request, ranks: int, timeout: float, progress_callback: Progress | None) -> dict:
     workers = store = None
     with tempfile.TemporaryDirectory(prefix="dualparal-") as tmp:
         if ranks > 1:

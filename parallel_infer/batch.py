@@ -11,14 +11,15 @@ from __future__ import annotations
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ddm import UsageError
-from ddm.io import atomic_write_json
+from ddm.checks import check_range
+from ddm.io import atomic_write_json, check_owned, claim_dir, output_lock
 from parallel_infer.distributed import fail, join_group, ready, torchrun_rank
 from parallel_infer.loader import ModelInfo, inspect_model, load_model
 from parallel_infer.render import (
@@ -43,13 +44,13 @@ class Request:
     videos: list[Video]
     timeout: float  # seconds a rank may stay silent while rendering
     threads: int | None = None  # torch threads per process; None = torch's default
+    out_dir: Path | None = None  # a batch's folder: rank 0 creates and marks it once every rank has loaded
 
 
 def check_request(model_dir, settings: VideoSettings, videos: list[Video], ranks: int, timeout: float = 60.0,
                   threads: int | None = None) -> Request:
     """Every check of a render (UsageError, one line), from JSON alone: nothing loads, no process starts."""
-    if not timeout > 0:
-        raise UsageError(f"timeout must be > 0 seconds, got {timeout}")
+    check_range("timeout", timeout, above=0)  # also refuses nan and inf
     if threads is not None and (not isinstance(threads, int) or threads <= 0):
         raise UsageError(f"threads must be a positive integer, got {threads!r}")
     info = inspect_model(model_dir)
@@ -85,6 +86,8 @@ def run_rank(request: Request, rank: int, world: int, store_file: str | None = N
             dist.broadcast(todo, 0)
         model = load_model(request.info, device, default_dtype(device), load_vae=rank == 0)
         ready()
+        if rank == 0 and request.out_dir is not None:
+            claim_dir(request.out_dir, "videos")  # so a model that fails to load leaves nothing behind
         loaded = time.perf_counter()
         renderer = Renderer(model, request.plan, request.settings, request.timeout)
         videos = [video for video, needed in zip(request.videos, todo.tolist()) if needed]
@@ -113,7 +116,10 @@ def run_rank(request: Request, rank: int, world: int, store_file: str | None = N
 def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise UsageError(f"prompts file not found: {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read prompts file {path}: {e}") from None
     if not prompts:
         raise UsageError(f"no prompts in {path}")
     return prompts
@@ -131,18 +137,29 @@ def render_prompt_file(model_dir: Path, prompts_file: Path, out_dir: Path, setti
     from tqdm import tqdm
 
     rank, world = torchrun_rank()
+    check_owned(out_dir, "videos")
     prompts = read_prompts(prompts_file)
     videos = [Video(prompt, settings.seed + i, out_dir / video_name(i, prompt)) for i, prompt in enumerate(prompts)]
-    request = check_request(model_dir, settings, videos, world, timeout, threads)
+    request = replace(check_request(model_dir, settings, videos, world, timeout, threads), out_dir=out_dir)
     info, plan = request.info, request.plan
     complete = [complete_sidecar(v.path, settings_record(info, plan, settings, v.prompt, v.seed)) for v in videos]
     if rank == 0:
         for video, done in zip(videos, complete):
             if done:
                 print(f"skip {video.path} (complete)", file=sys.stderr)
-    with tqdm(unit="block", disable=rank != 0) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    bar = None  # opened at the first block, so an error before it (a bad model, a lock) stays one line
 
-        return run_rank(request, rank, world, exit_on_error=world > 1, complete=complete, progress=progress)
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or tqdm(total=total, unit="block", disable=rank != 0)
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        if rank != 0:
+            return run_rank(request, rank, world, exit_on_error=world > 1, complete=complete, progress=progress)
+        with output_lock(out_dir):  # rank 0 writes; a second batch on this folder stops here, naming the holder
+            return run_rank(request, rank, world, exit_on_error=world > 1, complete=complete, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()

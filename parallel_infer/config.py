@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ddm import UsageError
+from ddm.checks import check_range, check_seed
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,9 @@ class DualParalConfig:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
         if self.cat >= self.block:
             raise UsageError(f"context size cat={self.cat} must be smaller than the block size block={self.block}")
-        if not self.guidance_scale > 0:
-            raise UsageError(f"guidance scale (cfg) must be > 0, got {self.guidance_scale}")
-        if not self.flow_shift > 0:
-            raise UsageError(f"flow shift must be > 0, got {self.flow_shift}")
-        if self.seed < 0:
-            raise UsageError(f"seed must be >= 0, got {self.seed}")
+        check_range("cfg", self.guidance_scale, above=0)  # also refuses nan and inf
+        check_range("flow_shift", self.flow_shift, above=0)
+        check_seed(self.seed, "seed")
         extra = self.frames - self.block - self.cat
         if extra < 0 or extra % self.block:
             raise UsageError(

@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from ddm import UsageError
+from ddm import UsageError, first_line
+from ddm.io import load_pretrained, verify_owned
 
 TEXT_TOKENS = 512  # Wan's text length: UMT5 output padded with zeros to this many tokens
 DEFAULT_FLOW_SHIFT = 3.0  # Wan2.1 T2V at 480p
@@ -52,6 +53,7 @@ class ModelInfo:
     prompts: str = ""  # where prompt embeddings come from, for messages
     known_prompts: list[str] | None = None  # precomputed embeddings: the prompts they cover
     vocabulary: list[str] | None = None  # our prompt encoder: the words it knows
+    max_words: int | None = None  # our prompt encoder: the longest prompt it takes
 
     def check_prompts(self, prompts: list[str]) -> None:
         """UsageError for a prompt this model cannot encode, found from JSON before anything loads."""
@@ -61,6 +63,8 @@ class ModelInfo:
             unknown = [w for w in prompt.lower().split() if self.vocabulary is not None and w not in self.vocabulary]
             if unknown:
                 raise UsageError(f"prompt {prompt!r}: unknown word(s) {', '.join(map(repr, unknown))}; known words: {' '.join(self.vocabulary)}")
+            if self.max_words is not None and len(prompt.split()) > self.max_words:
+                raise UsageError(f"prompt {prompt!r} has {len(prompt.split())} words; this model's prompt encoder takes at most {self.max_words}")
 
     @property
     def temporal_scale(self) -> int:
@@ -90,19 +94,24 @@ def inspect_model(path: str | Path) -> ModelInfo:
     path = Path(path)
     if (path / "expert.json").is_file():
         meta = _read_json(path / "expert.json")
-        if meta.get("model_class") != "WanTransformer3DModel":
-            raise UsageError(f"{path}: expert model class {meta.get('model_class')!r} is not a WanTransformer3DModel")
+        if not isinstance(meta, dict) or meta.get("model_class") != "WanTransformer3DModel":
+            found = meta.get("model_class") if isinstance(meta, dict) else None
+            raise UsageError(f"{path}: expert model class {found!r} is not a WanTransformer3DModel")
         if not (path / "prompt_encoder").is_dir():
             raise UsageError(f"{path}: video expert without a prompt_encoder/ folder")
-        config = _read_json(path / "config.json")
+        config = _transformer_config(path / "config.json")
+        encoder = _read_json(path / "prompt_encoder" / "config.json")
         size = meta.get("size", DEFAULT_SIZE[0])
         size = (size, size) if isinstance(size, int) else tuple(size)
-        shift = meta.get("flow", {}).get("shift", DEFAULT_FLOW_SHIFT)
+        shift = meta["flow"].get("shift", DEFAULT_FLOW_SHIFT) if isinstance(meta.get("flow"), dict) else DEFAULT_FLOW_SHIFT
+        vocabulary, max_words = encoder.get("vocabulary"), encoder.get("max_length")
+        if not (isinstance(vocabulary, list) and isinstance(max_words, int) and max_words > 0):
+            raise UsageError(f"{path / 'prompt_encoder' / 'config.json'}: needs a 'vocabulary' list and a positive 'max_length'")
         return ModelInfo(path, "expert", config["num_layers"], config["in_channels"], tuple(config["patch_size"]),
-                         flow_shift=shift, size=size, prompts="prompt_encoder/", vocabulary=meta.get("vocabulary"))
+                         flow_shift=shift, size=size, prompts="prompt_encoder/", vocabulary=vocabulary, max_words=max_words)
     if not (path / "transformer" / "config.json").is_file():
         raise UsageError(f"{path}: not a model directory (need transformer/config.json or expert.json)")
-    config = _read_json(path / "transformer" / "config.json")
+    config = _transformer_config(path / "transformer" / "config.json")
     vae = _read_json(path / "vae" / "config.json") if (path / "vae").is_dir() else None
     scheduler = _read_json(path / "scheduler" / "scheduler_config.json") if (path / "scheduler").is_dir() else None
     known = None
@@ -118,6 +127,20 @@ def inspect_model(path: str | Path) -> ModelInfo:
     shift = (scheduler or {}).get("shift") or (scheduler or {}).get("flow_shift") or DEFAULT_FLOW_SHIFT
     return ModelInfo(path, "diffusers", config["num_layers"], config["in_channels"], tuple(config["patch_size"]),
                      vae=vae, scheduler=scheduler, flow_shift=shift, prompts=prompts, known_prompts=known)
+
+
+def _transformer_config(path: Path) -> dict:
+    """A Wan transformer config.json with the keys planning reads, of the right types."""
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: not a JSON object")
+    for key in ("num_layers", "in_channels"):
+        if not isinstance(config.get(key), int) or isinstance(config.get(key), bool) or config[key] < 1:
+            raise UsageError(f"{path}: {key}={config.get(key)!r} is not a positive integer")
+    patch = config.get("patch_size")
+    if not (isinstance(patch, list) and len(patch) == 3 and all(isinstance(p, int) and p > 0 for p in patch)):
+        raise UsageError(f"{path}: patch_size={patch!r} is not three positive integers")
+    return config
 
 
 @dataclass
@@ -139,17 +162,22 @@ def load_model(info: ModelInfo, device=None, dtype=torch.float32, load_vae: bool
         from ddm.models.prompt_encoder import PromptEncoder  # written by the training side; imported only here
 
         transformer, _ = load_expert(path, device=device, dtype=dtype)
-        encoder = PromptEncoder.from_pretrained(path / "prompt_encoder").to(device).eval()
+        verify_owned(path / "prompt_encoder", "prompt encoder")
+        encoder = _load(PromptEncoder, path / "prompt_encoder").to(device).eval()
         return VideoModel(info, transformer, _no_grad(encoder.encode))
-    transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=dtype).to(device).eval()
+    transformer = _load(WanTransformer3DModel, path, subfolder="transformer", torch_dtype=dtype).to(device).eval()
     vae = None
     if info.vae is not None and load_vae:  # the VAE decodes in float32: it is small and sensitive
-        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32).to(device).eval()
+        vae = _load(AutoencoderKLWan, path, subfolder="vae", torch_dtype=torch.float32).to(device).eval()
     if (path / "text_encoder").is_dir() and (path / "tokenizer").is_dir():
         encode = _umt5_encoder(path, device, dtype)
     else:
         encode = _precomputed_embeddings(path)
     return VideoModel(info, transformer.requires_grad_(False), encode, vae, info.scheduler)
+
+
+def _load(cls, path: Path, **kwargs):
+    return load_pretrained(cls, path, cls.__name__, **kwargs)
 
 
 def _no_grad(fn):
@@ -165,7 +193,7 @@ def _umt5_encoder(path: Path, device, dtype: torch.dtype) -> Callable[[list[str]
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    encoder = UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype).to(device).eval()  # bf16 on GPU
+    encoder = _load(UMT5EncoderModel, path / "text_encoder", dtype=dtype).to(device).eval()  # bf16 on GPU
 
     @torch.inference_mode()
     def encode(prompts: list[str]) -> torch.Tensor:
@@ -212,7 +240,10 @@ def _precomputed_embeddings(path: Path) -> Callable[[list[str]], torch.Tensor]:
     from safetensors.torch import load_file
 
     prompts = _read_prompt_list(path)
-    tensors = load_file(path / "prompt_embeds.safetensors")
+    try:
+        tensors = load_file(path / "prompt_embeds.safetensors")
+    except Exception as e:  # safetensors' error for a damaged file is no OSError
+        raise UsageError(f"cannot read {path / 'prompt_embeds.safetensors'}: {first_line(e)}") from None
     index = {p: i for i, p in enumerate(prompts)}
 
     def encode(requested: list[str]) -> torch.Tensor:

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 
 from ddm import UsageError
+from ddm.checks import check_range
+from ddm.io import sha256_file
 from parallel_infer.config import DualParalConfig, latent_frames_covering
 from parallel_infer.layer_split import split_layers
 from parallel_infer.loader import ModelInfo, VideoModel
@@ -68,8 +70,7 @@ def plan_video(info: ModelInfo, settings: VideoSettings, ranks: int = 1) -> Plan
     height, width = settings.height or info.size[0], settings.width or info.size[1]
     latent_size = info.latent_size(height, width)
     if settings.seconds is not None:
-        if not settings.seconds > 0:
-            raise UsageError(f"seconds must be > 0, got {settings.seconds}")
+        check_range("seconds", settings.seconds, above=0)
         frames = max(1, round(settings.seconds * settings.fps))
         scale = info.temporal_scale
         wanted_latent = frames if scale == 1 else math.ceil((frames - 1) / scale) + 1
@@ -97,17 +98,35 @@ def settings_record(info: ModelInfo, plan: Plan, settings: VideoSettings, prompt
             "negative_prompt": settings.negative_prompt}
 
 
-def complete_sidecar(video: Path, settings: dict) -> bool:
-    """True when `video` was already rendered with these settings; UsageError if with others."""
+def owned_sidecar(video: Path) -> dict | None:
+    """The sidecar record of `video` when ddm rendered it, None when neither file exists. UsageError when either
+    exists but is not ours (an MP4 without a sidecar, a JSON ddm did not write), or cannot be written."""
+    from ddm.io import check_writable
+
     sidecar = video.with_suffix(".json")
-    if not (video.is_file() and sidecar.is_file()):
-        return False
+    check_writable(video, "video")
+    check_writable(sidecar, "video sidecar")
+    if not video.exists() and not sidecar.exists():
+        return None
     try:
         done = json.loads(sidecar.read_text())
-    except json.JSONDecodeError:
-        return False
-    if done.get("settings") != settings:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        done = None
+    if not isinstance(done, dict) or not isinstance(done.get("settings"), dict):
+        raise UsageError(f"{video if video.exists() else sidecar} exists and was not rendered by ddm; refusing to overwrite it")
+    return done
+
+
+def complete_sidecar(video: Path, settings: dict) -> bool:
+    """True when `video` was already rendered with these settings; UsageError if with others, if it was changed
+    since, or if it is not ours (`owned_sidecar`): a video is never overwritten."""
+    done = owned_sidecar(video)
+    if done is None or not video.exists():
+        return False  # nothing there, or a sidecar whose video was removed: render it
+    if done["settings"] != settings:
         raise UsageError(f"{video} exists with other settings; choose another --out or delete it")
+    if "sha256" in done and sha256_file(video) != done["sha256"]:
+        raise UsageError(f"{video} differs from what its sidecar recorded (edited or damaged); delete it to render it again")
     return True
 
 
@@ -154,6 +173,7 @@ class Renderer:
         block_steps = config.num_blocks * config.steps
         return {
             "settings": settings_record(self.model.info, self.plan, self.settings, prompt, seed),
+            "sha256": sha256_file(out),  # eval-video and a re-run check the MP4 against it
             "ranks": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
             "device": str(self.adapter.device),
             "dtype": str(self.adapter.dtype).removeprefix("torch."),

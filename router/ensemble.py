@@ -13,12 +13,11 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
-from safetensors import SafetensorError
 from torch import nn
 
 from ddm import UsageError
 from ddm.models.experts import load_expert
-from ddm.io import atomic_replace_dir, atomic_write_json, replaced_dir, staging_dir
+from ddm.io import atomic_write_json, load_pretrained, replaced_dir, replacing_dir, verify_owned
 from router.model import RouterModel
 from router.strategies import DEFAULT_STRATEGY, parse_strategy
 
@@ -28,18 +27,36 @@ SHAPE_KEYS = ("sample_size", "in_channels", "out_channels", "patch_size", "num_e
 
 
 def load_router(path: str | Path, device=None, dtype=None) -> RouterModel:
+    """The router of a folder `ddm train-router` wrote: files checked against their SHA-256, safetensors only."""
     path = replaced_dir(path)
     if not (path / "config.json").is_file():
         raise UsageError(f"not a router directory (no config.json): {path}")
-    try:
-        router = RouterModel.from_pretrained(path, torch_dtype=dtype)
-    except (OSError, SafetensorError, ValueError, TypeError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot load router from {path}: {str(e).splitlines()[0]}") from None
+    verify_owned(path, "router")
+    check_router_config(path)
+    router = load_pretrained(RouterModel, path, "router", torch_dtype=dtype)
     return router.to(device).eval().requires_grad_(False)
+
+
+def check_router_config(path: Path) -> None:
+    """The keys that size the router must be positive integers (a hand-edited config gets one line)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot load router from {path}: config.json: {e}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"cannot load router from {path}: config.json is not an object")
+    for key in ("num_experts", "sample_size", "in_channels", "patch_size", "hidden_dim", "num_layers", "num_heads"):
+        value = config.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UsageError(f"cannot load router from {path}: config.json has {key}={value!r}, not a positive integer")
 
 
 def check_experts(metas: list[dict], configs: list[dict], paths: list) -> None:
     """Experts must come from one partition, one noise path and one sample shape (UsageError naming the odd one)."""
+    for meta, path in zip(metas, paths):
+        missing = [key for key in ("island", "k", "manifest_fingerprint", "flow", "num_classes") if key not in meta]
+        if missing:
+            raise UsageError(f"expert {path}: expert.json has no {', '.join(map(repr, missing))} (an image expert needs them)")
     first, first_cfg = metas[0], configs[0]
     seen = set()
     for meta, cfg, path in zip(metas, configs, paths):
@@ -158,28 +175,36 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        """router/ + expert_<island>/ (EMA weights + expert.json) + ensemble.json naming them and the strategy."""
-        final = Path(save_directory)
-        staging = staging_dir(final)
-        self.router.save_pretrained(staging / "router")
-        names = []
-        for expert, meta in zip(self.experts, self.metas):
-            name = f"expert_{meta['island']}"
-            expert.save_pretrained(staging / name)
-            atomic_write_json(staging / name / "expert.json", meta)
-            names.append(name)
-        atomic_write_json(staging / self.config_name, {"format": ENSEMBLE_FORMAT, "router": "router", "experts": names, "strategy": str(self.strategy)})
-        atomic_replace_dir(staging, final)
+        """router/ + expert_<island>/ (EMA weights + expert.json) + ensemble.json naming them and the strategy.
+
+        Replaces `save_directory` only if it is absent, empty or an ensemble ddm wrote (ddm.io.replacing_dir)."""
+        from ddm.io import tree_digests
+        from ddm.models.experts import write_expert_meta
+
+        with replacing_dir(Path(save_directory), "ensemble", "ensemble folder") as staging:
+            self.router.save_pretrained(staging / "router")
+            names = []
+            for expert, meta in zip(self.experts, self.metas):
+                name = f"expert_{meta['island']}"
+                expert.save_pretrained(staging / name)
+                write_expert_meta(staging / name, meta, type(expert).__name__, tree_digests(staging / name))
+                names.append(name)
+            atomic_write_json(staging / self.config_name, {"format": ENSEMBLE_FORMAT, "router": "router", "experts": names, "strategy": str(self.strategy)})
 
     @classmethod
     def from_pretrained(cls, path, strategy: str | None = None, device=None, torch_dtype=None, **kwargs) -> "DDMEnsemble":
         path = replaced_dir(path)
         try:
             spec = json.loads((path / cls.config_name).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UsageError(f"not an ensemble directory ({cls.config_name} unreadable): {path}: {e}") from None
-        if spec.get("format") != ENSEMBLE_FORMAT:
-            raise UsageError(f"{path / cls.config_name}: unknown format {spec.get('format')!r}, expected {ENSEMBLE_FORMAT}")
+        if not isinstance(spec, dict) or spec.get("format") != ENSEMBLE_FORMAT:
+            found = spec.get("format") if isinstance(spec, dict) else None
+            raise UsageError(f"{path / cls.config_name}: unknown format {found!r}, expected {ENSEMBLE_FORMAT}")
+        parts = [spec.get("router"), *(spec.get("experts") or [None])]
+        if not all(isinstance(p, str) for p in parts) or not isinstance(spec.get("strategy"), str):
+            raise UsageError(f"{path / cls.config_name}: 'router', 'experts' and 'strategy' must name folders and a strategy")
+        verify_owned(path, "ensemble")
         return cls.from_dirs(
             path / spec["router"], [path / e for e in spec["experts"]], strategy or spec["strategy"], device, torch_dtype
         )

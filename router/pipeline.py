@@ -20,7 +20,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ddm import UsageError
-from ddm.io import atomic_replace_dir, staging_dir
+from ddm.io import replacing_dir, verify_owned
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -84,10 +84,8 @@ class DDMPipeline(DiffusionPipeline):
         """The diffusers folder, written whole or not at all (staged beside it, then swapped in)."""
         if not safe_serialization:
             raise UsageError("pipelines are saved as safetensors only")
-        final = Path(save_directory)
-        staging = staging_dir(final)
-        super().save_pretrained(staging, safe_serialization=True, **kwargs)
-        atomic_replace_dir(staging, final)
+        with replacing_dir(Path(save_directory), "pipeline", "the pipeline folder") as staging:
+            super().save_pretrained(staging, safe_serialization=True, **kwargs)
 
 
 def make_pipeline(transformer, flow_shift: float = 1.0) -> DDMPipeline:
@@ -122,6 +120,7 @@ def load_pipeline(path, strategy: str | None = None, device=None, dtype=None) ->
             raise UsageError(f"{path / 'model_index.json'} is unreadable: {e}") from None
         if class_name != DDMPipeline.__name__:
             raise UsageError(f"{path} holds a {class_name} pipeline, not a {DDMPipeline.__name__}")
+        verify_owned(path, "pipeline")  # every file as ddm wrote it (SHA-256)
         try:
             pipe = DDMPipeline.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
         except (OSError, ValueError, TypeError, KeyError) as e:

@@ -7,6 +7,7 @@ routing is reported for the conditional rows; the null-label rows are routed on 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from pathlib import Path
@@ -16,6 +17,9 @@ import torch
 from ddm import UsageError, command_args
 from ddm.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json
 from router.strategies import DEFAULT_STRATEGY
+
+SAMPLE_FORMAT = "ddm-sample/1"  # in OUT.json (and OUT.safetensors' metadata): marks the three files as ours
+MAX_SCALE = 64  # PNG upscale factor: a 64x grid of 8x8 digits is already 512 pixels a digit
 
 
 def image_grid(images01: torch.Tensor, scale: int = 1, columns: int | None = None, labels: torch.Tensor | None = None) -> bytes:
@@ -88,11 +92,27 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the initial noise and any sampled routing")
     p.add_argument("--scale", type=int, default=4, help="upscale factor of the PNG grid (nearest neighbour)")
     p.add_argument("--columns", type=int, default=None, help="grid columns (default: near-square); with as many columns as classes, one class per column, labelled")
-    p.add_argument("--out", required=True, help="grid PNG path")
-    p.add_argument("--save-ensemble", help="also save the pipeline (router + experts + strategy + scheduler) as a diffusers folder here")
+    p.add_argument("--out", required=True, help="grid PNG path (OUT.json and OUT.safetensors go beside it; files ddm did not write are never replaced)")
+    p.add_argument("--save-ensemble", help="also save the pipeline (router + experts + strategy + scheduler) as a diffusers folder here: new, empty, or a pipeline ddm wrote")
+
+
+def check_outputs(out: Path) -> None:
+    """OUT.png, OUT.json and OUT.safetensors are written together; overwrite them only if OUT.json says that ddm
+    wrote them (a `ddm-sample` format field), so a run never replaces a user's file or another artifact's."""
+    from ddm.io import check_json_output, check_writable
+
+    for path in (out, out.with_suffix(".safetensors")):
+        check_writable(path, "--out")
+    check_json_output(out.with_suffix(".json"), SAMPLE_FORMAT)
+    if not out.with_suffix(".json").exists():
+        for path in (out, out.with_suffix(".safetensors")):
+            if path.exists():
+                raise UsageError(f"--out {out}: {path} exists and was not written by `ddm sample`; refusing to overwrite it")
 
 
 def run(args) -> int:
+    from ddm.checks import check_range, check_seed
+    from ddm.io import check_owned, output_lock
     from router.ensemble import DDMEnsemble
     from router.pipeline import ensemble_pipeline, load_pipeline
 
@@ -108,21 +128,33 @@ def run(args) -> int:
     for name in ("n", "steps", "scale"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_range("--scale", args.scale, high=MAX_SCALE)
+    check_range("--cfg", args.cfg)
+    check_seed(args.seed)
+    check_outputs(out)
+    if args.save_ensemble:
+        check_owned(Path(args.save_ensemble), "pipeline", "--save-ensemble")
     pipe = load_pipeline(args.ensemble, args.strategy) if args.ensemble else ensemble_pipeline(args.router, args.experts, args.strategy)
     ensemble = pipe.transformer
     if not isinstance(ensemble, DDMEnsemble):
         raise UsageError(f"--ensemble {args.ensemble} holds a single expert; `ddm sample` reports routing, so it needs an ensemble")
     num_classes = ensemble.config.num_embeds_ada_norm
+    bad = [c for c in args.classes or [] if not 0 <= c < num_classes]
+    if bad:
+        raise UsageError(f"--classes {bad[0]} is outside 0..{num_classes - 1}")
     classes = torch.tensor(args.classes if args.classes else list(range(num_classes)))
     labels = classes.repeat(math.ceil(args.n / len(classes)))[: args.n]
-    images = pipe(labels, args.steps, args.cfg, torch.Generator().manual_seed(args.seed), output_type="pt").images
-    stats = routing_statistics(ensemble.routing_weights, labels, pipe.scheduler.sigmas[:-1], args.cfg != 1.0)
-    stats.update(strategy=str(ensemble.strategy), islands_present=ensemble.islands, seed=args.seed, cfg=args.cfg)
-    atomic_write_bytes(out, image_grid(images, args.scale, args.columns, labels))
-    atomic_write_json(out.with_suffix(".json"), stats)
-    atomic_save_tensors(out.with_suffix(".safetensors"), {"images": images, "labels": labels})
-    if args.save_ensemble:
-        pipe.save_pretrained(args.save_ensemble)
+    with output_lock(out, folder=False), output_lock(Path(args.save_ensemble)) if args.save_ensemble else contextlib.nullcontext():
+        images = pipe(labels, args.steps, args.cfg, torch.Generator().manual_seed(args.seed), output_type="pt").images
+        if not torch.isfinite(images).all():
+            raise UsageError("sampling produced non-finite values (a diverged expert or router?); nothing was written")
+        stats = routing_statistics(ensemble.routing_weights, labels, pipe.scheduler.sigmas[:-1], args.cfg != 1.0)
+        stats.update(format=SAMPLE_FORMAT, strategy=str(ensemble.strategy), islands_present=ensemble.islands, seed=args.seed, cfg=args.cfg)
+        atomic_write_json(out.with_suffix(".json"), stats)  # first: it marks the three files as ours
+        atomic_write_bytes(out, image_grid(images, args.scale, args.columns, labels))
+        atomic_save_tensors(out.with_suffix(".safetensors"), {"images": images, "labels": labels}, metadata={"format": SAMPLE_FORMAT})
+        if args.save_ensemble:
+            pipe.save_pretrained(args.save_ensemble)
     used = torch.tensor([e for s in stats["samples"] for e in s["experts"]])
     share = (torch.bincount(used, minlength=stats["num_experts"]).float() / len(used)).tolist()
     print(f"wrote {out} ({args.n} samples, strategy {ensemble.strategy}); expert share over steps: "

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ddm import UsageError, command_args
 from ddm.models.experts import read_expert_meta
 from ddm.flow import FlowConfig, add_noise, to_timestep
-from ddm.io import atomic_replace_dir, atomic_write_json, staging_dir
+from ddm.io import atomic_write_json, check_owned, output_lock, replacing_dir
 from ddm.partition.manifest import Manifest
 from router.ensemble import check_experts
 from router.model import RouterModel, measured_flops
@@ -46,6 +46,11 @@ def read_experts(manifest: Manifest, expert_dirs: list) -> tuple[FlowConfig, dic
             configs.append(json.loads((Path(p) / "config.json").read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise UsageError(f"expert {p} has no readable config.json: {e}") from None
+    for config, p in zip(configs, expert_dirs):
+        for key in ("sample_size", "in_channels", "patch_size"):
+            value = config.get(key) if isinstance(config, dict) else None
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"expert {p}: config.json has {key}={value!r}, not a positive integer")
     check_experts(metas, configs, [str(p) for p in expert_dirs])
     meta = metas[0]
     if meta["k"] != manifest.k or meta["manifest_fingerprint"] != manifest.fingerprint:
@@ -149,10 +154,12 @@ def router_flop_ratio(router: RouterModel, expert_config: dict) -> dict:
 
 
 def save_router(router: RouterModel, metrics: dict, out: str | Path) -> None:
-    staging = staging_dir(Path(out))
-    router.save_pretrained(staging)
-    atomic_write_json(staging / "router_metrics.json", metrics)
-    atomic_replace_dir(staging, Path(out))
+    """Replace `out` whole, only if it is absent, empty or a router ddm wrote; refuse non-finite weights."""
+    if not all(torch.isfinite(p).all() for p in router.parameters()):
+        raise UsageError("router training diverged (non-finite weights); nothing was saved: lower --lr")
+    with replacing_dir(Path(out), "router") as staging:
+        router.save_pretrained(staging)
+        atomic_write_json(staging / "router_metrics.json", metrics)
 
 
 def print_metrics(metrics: dict) -> None:
@@ -170,7 +177,7 @@ def print_metrics(metrics: dict) -> None:
 def add_arguments(p) -> None:
     p.add_argument("--manifest", required=True, help="partition manifest directory")
     p.add_argument("--experts", nargs="+", required=True, help="expert directories (their expert.json gives the noise path)")
-    p.add_argument("--out", required=True, help="router output directory")
+    p.add_argument("--out", required=True, help="router folder: new, empty, or a router ddm wrote (replaced)")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=128, help="samples per step")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
@@ -187,11 +194,16 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ddm.checks import check_range, check_seed
+
     for name in ("steps", "batch_size", "width", "layers", "heads"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.width % args.heads:
         raise UsageError(f"--width {args.width} is not divisible by --heads {args.heads}")
+    check_range("--lr", args.lr, above=0)
+    check_seed(args.seed)
+    check_owned(Path(args.out), "router")
     manifest = Manifest.load(args.manifest)
     flow, expert_config, meta = read_experts(manifest, args.experts)
     if expert_config["sample_size"] % expert_config["patch_size"]:
@@ -199,15 +211,16 @@ def run(args) -> int:
     images, labels = dataset_tensors(manifest.load_dataset())
     if tuple(images.shape[1:]) != (expert_config["in_channels"], expert_config["sample_size"], expert_config["sample_size"]):
         raise UsageError(f"data samples are {tuple(images.shape[1:])}, experts expect {expert_config['in_channels']}x{expert_config['sample_size']}")
-    start = time.perf_counter()
-    router = fit_router(
-        images, labels, manifest, flow, meta["num_classes"], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, width=args.width, layers=args.layers, heads=args.heads, patch_size=expert_config["patch_size"],
-        class_cond=meta["num_classes"] > 1 if args.class_cond is None else args.class_cond, balance=args.balance, log_every=max(1, args.steps // 10),
-    )
-    metrics = accuracy_by_sigma(router, images, labels, manifest.assignments, flow, meta["num_classes"])
-    metrics.update(router_flop_ratio(router, expert_config), train_seconds=time.perf_counter() - start, steps=args.steps)
-    save_router(router, metrics, args.out)
+    with output_lock(Path(args.out)):
+        start = time.perf_counter()
+        router = fit_router(
+            images, labels, manifest, flow, meta["num_classes"], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+            seed=args.seed, width=args.width, layers=args.layers, heads=args.heads, patch_size=expert_config["patch_size"],
+            class_cond=meta["num_classes"] > 1 if args.class_cond is None else args.class_cond, balance=args.balance, log_every=max(1, args.steps // 10),
+        )
+        metrics = accuracy_by_sigma(router, images, labels, manifest.assignments, flow, meta["num_classes"])
+        metrics.update(router_flop_ratio(router, expert_config), train_seconds=time.perf_counter() - start, steps=args.steps)
+        save_router(router, metrics, args.out)
     print_metrics(metrics)
     print(f"router saved to {args.out}")
     return 0

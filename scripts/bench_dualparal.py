@@ -91,7 +91,7 @@ def main() -> None:
     model_dir = write_tiny_model(tmp / "model", prompts=(PROMPT, ""), text_tokens=16, **MODEL)
     from diffusers import WanTransformer3DModel
 
-    params = sum(p.numel() for p in WanTransformer3DModel.from_pretrained(model_dir / "transformer").parameters())
+    params = sum(p.numel() for p in WanTransformer3DModel.from_pretrained(model_dir / "transformer", use_safetensors=True).parameters())
     results = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
                "command": "python scripts/bench_dualparal.py", "model": {**MODEL, "parameters": params}, "video": VIDEO}
 

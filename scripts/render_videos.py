@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ddm import run_reporting_usage_errors
+from ddm import OneLineParser, run_reporting_usage_errors
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -28,7 +28,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path, help="diffusers Wan folder or a video expert directory")
     p.add_argument("--prompts", required=True, type=Path, help="text file, one prompt per line")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--out", required=True, type=Path, help="folder of videos: new, empty, or one ddm rendered into")
     length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--frames", type=int, help="video frames (must fit the block layout)")
     length.add_argument("--seconds", type=float, help="video length; the layout is rounded up, the video is cut to it")
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=HelpFormatter)
     add_arguments(parser)
     return run_reporting_usage_errors(run, parser.parse_args(argv))

@@ -112,6 +112,8 @@ def served(tmp_path_factory):
         server.terminate()
         server.wait(timeout=10)
         log.close()
+    # SIGTERM removes the app's temp folder (rendered videos, Gradio's copies); SIGINT: test_app_limits.py
+    assert not (REPO / "outputs" / "app-tmp" / f"run-{server.pid}").exists()
 
 
 @pytest.fixture(scope="module")

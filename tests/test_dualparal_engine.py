@@ -43,8 +43,8 @@ TEXT = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
         (dict(frames=26, block=4, cat=0), "cat must be a positive integer, got 0"),
         (dict(frames=26, block=-4, cat=2), "block must be a positive integer, got -4"),
         (dict(frames=26, block=4, cat=2, steps=0), "steps must be a positive integer, got 0"),
-        (dict(frames=26, block=4, cat=2, guidance_scale=0.0), r"guidance scale \(cfg\) must be > 0"),
-        (dict(frames=26, block=4, cat=2, flow_shift=-1.0), "flow shift must be > 0"),
+        (dict(frames=26, block=4, cat=2, guidance_scale=0.0), "cfg 0.0 is out of range: must be a finite number > 0"),
+        (dict(frames=26, block=4, cat=2, flow_shift=-1.0), "flow_shift -1.0 is out of range"),
     ],
 )
 def test_bad_settings_are_usage_errors(kwargs, message):

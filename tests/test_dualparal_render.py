@@ -148,7 +148,7 @@ def test_bad_requests_fail_before_any_work(pixel_model, tmp_path):
         render_video(pixel_model, "a cat runs", out, frames=26, negative_prompt="the void", **SMALL)
     with pytest.raises(UsageError, match="threads must be a positive integer, got 0"):  # as the CLI checks them
         render_video(pixel_model, "a cat runs", out, frames=26, threads=0, **SMALL)
-    with pytest.raises(UsageError, match="timeout must be > 0 seconds, got -1"):
+    with pytest.raises(UsageError, match="timeout -1 is out of range"):
         render_video(pixel_model, "a cat runs", out, frames=26, timeout=-1, **SMALL)
     assert not any(tmp_path.iterdir())
 
@@ -181,7 +181,7 @@ def test_cli_renders_skips_and_refuses(cli, pixel_model, tmp_path, capsys):
 
     assert cli.main(args()) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["0000-a-cat-runs.json", "0000-a-cat-runs.mp4", "0001-a-dog-jumps.json", "0001-a-dog-jumps.mp4"]
+    assert names == [".ddm-owner.json", "0000-a-cat-runs.json", "0000-a-cat-runs.mp4", "0001-a-dog-jumps.json", "0001-a-dog-jumps.mp4"]
     sidecar = json.loads((out / "0001-a-dog-jumps.json").read_text())
     assert sidecar["settings"]["seed"] == 6 and sidecar["ranks"] == 1 and sidecar["bytes_sent"] == 0
     stamp = (out / "0000-a-cat-runs.mp4").stat().st_mtime_ns

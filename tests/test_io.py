@@ -17,7 +17,7 @@ def test_replace_and_read_back_after_a_kill_between_renames(tmp_path):
     for seed in (1, 2):  # a first write, then a replacement
         staging = staging_dir(final)
         make_manifest(seed).save(staging)
-        atomic_replace_dir(staging, final)
+        atomic_replace_dir(staging, final, kind="manifest")
     assert replaced_dir(final) == final and Manifest.load(final).seed == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest"]  # no staging or .old left behind
     # A kill right after the first rename of the next replacement: only manifest.old is there.
@@ -27,5 +27,5 @@ def test_replace_and_read_back_after_a_kill_between_renames(tmp_path):
     # The next replacement completes and leaves one directory again.
     staging = staging_dir(final)
     make_manifest(3).save(staging)
-    atomic_replace_dir(staging, final)
+    atomic_replace_dir(staging, final, kind="manifest")
     assert Manifest.load(final).seed == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["manifest"]

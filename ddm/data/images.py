@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ddm import UsageError
+from ddm import UsageError, first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -88,15 +88,18 @@ class ImageFolderDataset(Dataset):
     def load_image(self, i: int) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(self.files[i]) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = self.image_size / min(w, h)
-            im = im.resize((max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
-            im = im.crop((left, top, left + self.image_size, top + self.image_size))
-            arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        try:
+            with Image.open(self.files[i]) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                scale = self.image_size / min(w, h)
+                im = im.resize((max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale))), Image.BICUBIC)
+                w, h = im.size
+                left, top = (w - self.image_size) // 2, (h - self.image_size) // 2
+                im = im.crop((left, top, left + self.image_size, top + self.image_size))
+                arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's errors for a bad file
+            raise UsageError(f"cannot read image {self.files[i]}: {first_line(e)}") from None
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, i):

@@ -4,7 +4,8 @@ An expert directory is what one island writes (and nothing else writes there):
   config.json + diffusion_pytorch_model.safetensors   EMA weights: `from_pretrained(dir)` gives the sampling model
   raw/config.json + raw/diffusion_pytorch_model.safetensors   the raw (non-EMA) weights
   expert.json        what the router and samplers need: model class, island, manifest and data fingerprints,
-                     flow (noise path) config, number of classes, label dropout
+                     flow (noise path) config, number of classes, label dropout; `files`: the SHA-256 of
+                     each file above, checked on every load
 The training state (optimizer, step, RNG, data position) and logs live beside these; see ddm/training/train.py.
 """
 from __future__ import annotations
@@ -15,11 +16,12 @@ from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel, WanTransformer3DModel
-from safetensors import SafetensorError
 
 from ddm import UsageError
 
 EXPERT_FORMAT = "ddm-expert/1"
+# expert.json keys the loaders read, with their types (a hand-edited file gets a one-line error, not a traceback)
+META_TYPES = {"model_class": str, "k": int, "num_classes": int, "flow": dict, "files": dict}
 MODEL_CLASSES = {"DiTTransformer2DModel": DiTTransformer2DModel, "WanTransformer3DModel": WanTransformer3DModel}
 
 # DiT sizes. Parameter counts at 8x8x1 input, patch 2: tiny ~0.1M, small ~1.9M.
@@ -56,15 +58,27 @@ def read_expert_meta(path: str | Path) -> dict:
         raise UsageError(f"not an expert directory (no expert.json): {path}")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(f"corrupt {meta_path}: {e}") from None
-    if meta.get("format") != EXPERT_FORMAT:
-        raise UsageError(f"{meta_path}: unknown format {meta.get('format')!r}, expected {EXPERT_FORMAT}")
+    if not isinstance(meta, dict) or meta.get("format") != EXPERT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise UsageError(f"{meta_path}: unknown format {found!r}, expected {EXPERT_FORMAT}")
+    for key, kind in META_TYPES.items():
+        if key in meta and (not isinstance(meta[key], kind) or isinstance(meta[key], bool)):
+            raise UsageError(f"{meta_path}: {key}={meta[key]!r} is not of type {kind.__name__}")
+    if meta.get("island", "all") != "all" and (not isinstance(meta["island"], int) or isinstance(meta["island"], bool)):
+        raise UsageError(f"{meta_path}: island={meta['island']!r} is not an index or 'all'")
+    if "model_class" not in meta:
+        raise UsageError(f"{meta_path}: no 'model_class'")
     return meta
 
 
 def load_expert(path: str | Path, weights: str = "ema", device=None, dtype=None) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, expert.json dict). `weights` is 'ema' (default, for sampling) or 'raw'."""
+    """(model in eval mode, expert.json dict). `weights` is 'ema' (default, for sampling) or 'raw'.
+
+    The files of those weights are checked against the SHA-256 in expert.json first; only safetensors are read."""
+    from ddm.io import load_pretrained, verify_digests
+
     path = Path(path)
     meta = read_expert_meta(path)
     cls = MODEL_CLASSES.get(meta["model_class"])
@@ -72,11 +86,11 @@ def load_expert(path: str | Path, weights: str = "ema", device=None, dtype=None)
         raise UsageError(f"{path}: unsupported model class {meta['model_class']!r}")
     if weights not in ("ema", "raw"):
         raise UsageError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    try:
-        # not subfolder="raw": diffusers then prefers the top-level (EMA) weights file when one exists
-        model = cls.from_pretrained(path / "raw" if weights == "raw" else path, torch_dtype=dtype)
-    except (OSError, SafetensorError, ValueError, EnvironmentError) as e:
-        raise UsageError(f"cannot load expert weights from {path}: {str(e).splitlines()[0]}") from None
+    # the files of the weights asked for: an EMA view copied without raw/ still loads
+    files = {rel: digest for rel, digest in meta.get("files", {}).items() if rel.startswith("raw/") == (weights == "raw")}
+    verify_digests(path, files, "expert")
+    # not subfolder="raw": diffusers then prefers the top-level (EMA) weights file when one exists
+    model = load_pretrained(cls, path / "raw" if weights == "raw" else path, "expert weights", torch_dtype=dtype)
     if device is not None:
         model.to(device)
     return model.eval().requires_grad_(False), meta
@@ -85,20 +99,28 @@ def load_expert(path: str | Path, weights: str = "ema", device=None, dtype=None)
 def write_expert(out: str | Path, ema_model: torch.nn.Module, raw_model: torch.nn.Module, meta: dict) -> None:
     """Write the sampling view of an expert directory: EMA weights at the top, raw weights in raw/, expert.json.
 
-    Each file lands by rename (whole or not at all); expert.json goes last, so a directory with an expert.json
-    always has weights. The training state that resumes a run is written separately by ddm/training/train.py.
+    expert.json is removed first and written last, with the SHA-256 of every file of the view: a directory with
+    an expert.json always has whole, matching weights. The training state is written separately (ddm/training).
     """
-    from ddm.io import atomic_write_json, staging_dir
+    from ddm.io import staging_dir, tree_digests
 
     out = Path(out)
+    (out / "expert.json").unlink(missing_ok=True)
     staging = staging_dir(out / ".expert")  # inside `out`: an island writes nowhere else
     try:
         ema_model.save_pretrained(staging)
         raw_model.save_pretrained(staging / "raw")
+        files = tree_digests(staging)
         (out / "raw").mkdir(parents=True, exist_ok=True)
         for f in sorted(staging.rglob("*")):
             if f.is_file():
                 f.replace(out / f.relative_to(staging))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    atomic_write_json(out / "expert.json", {**meta, "format": EXPERT_FORMAT, "model_class": type(ema_model).__name__})
+    write_expert_meta(out, meta, type(ema_model).__name__, files)
+
+
+def write_expert_meta(out: Path, meta: dict, model_class: str, files: dict[str, str]) -> None:
+    from ddm.io import atomic_write_json
+
+    atomic_write_json(Path(out) / "expert.json", {**meta, "format": EXPERT_FORMAT, "model_class": model_class, "files": files})

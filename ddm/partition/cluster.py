@@ -27,7 +27,7 @@ FINE_CLUSTERS = 1024
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help="'digits' (embedded) or an image folder")
     p.add_argument("--k", type=int, required=True, help="number of islands")
-    p.add_argument("--out", required=True, help="manifest directory to write")
+    p.add_argument("--out", required=True, help="manifest folder: new, empty, or a manifest ddm wrote (replaced)")
     p.add_argument("--features", default="pixels-pca", help="extractor name (pixels-pca, pixels) or a local transformers checkpoint")
     p.add_argument("--image-size", type=int, default=None, help="resize + center-crop size for an image folder")
     method = p.add_mutually_exclusive_group()
@@ -98,46 +98,50 @@ def summary_table(manifest, labels: torch.Tensor, num_classes: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ddm.checks import check_seed
     from ddm.data import load_dataset
-    from ddm.partition.features import check_spec, extract_features
-    from ddm.io import atomic_replace_dir, staging_dir
+    from ddm.io import check_owned, output_lock, replacing_dir
+    from ddm.partition.features import check_spec, check_supported, extract_features
     from ddm.partition.manifest import Manifest
 
     if args.k < 1:
         raise UsageError(f"--k must be at least 1, got {args.k}")
+    check_seed(args.seed)
+    if args.image_size is not None and args.image_size < 1:
+        raise UsageError(f"--image-size must be >= 1, got {args.image_size}")
     out = Path(args.out)
-    if out.exists() and not (out / "manifest.json").is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"--out {out} exists and is not a manifest directory; refusing to replace it")
+    check_owned(out, "manifest")
     check_spec(args.features)
     dataset = load_dataset(args.data, args.image_size)
     n = len(dataset)
     if args.k > n:
         raise UsageError(f"--k {args.k} is larger than the data set ({n} samples)")
+    check_supported(args.features, dataset)
 
-    features, extractor = extract_features(args.features, dataset)
-    if args.random:
-        method, assignments = "random", random_partition(n, args.k, args.seed)
-    elif args.balanced:
-        method, assignments = "balanced-kmeans", balanced_kmeans(features, args.k, args.seed)
-    else:
-        method, assignments = "kmeans", kmeans(features, args.k, args.seed)
-    manifest = Manifest(
-        k=args.k,
-        data=args.data if args.data == "digits" or args.data.startswith("moving-digits") else str(Path(args.data).resolve()),
-        data_fingerprint=dataset.fingerprint,
-        method=method,
-        extractor=extractor,
-        seed=args.seed,
-        assignments=torch.from_numpy(np.asarray(assignments, np.int64)),
-        centroids=torch.from_numpy(island_centroids(features, assignments, args.k)),
-        image_size=args.image_size,
-        extra={"feature_dim": int(features.shape[1])},
-    )
-    if min(manifest.sizes) == 0:
-        print(f"warning: {manifest.sizes.count(0)} of {args.k} islands are empty")
-    staging = staging_dir(out)
-    manifest.save(staging)
-    atomic_replace_dir(staging, out)
+    with output_lock(out):
+        features, extractor = extract_features(args.features, dataset)
+        if args.random:
+            method, assignments = "random", random_partition(n, args.k, args.seed)
+        elif args.balanced:
+            method, assignments = "balanced-kmeans", balanced_kmeans(features, args.k, args.seed)
+        else:
+            method, assignments = "kmeans", kmeans(features, args.k, args.seed)
+        manifest = Manifest(
+            k=args.k,
+            data=args.data if args.data == "digits" or args.data.startswith("moving-digits") else str(Path(args.data).resolve()),
+            data_fingerprint=dataset.fingerprint,
+            method=method,
+            extractor=extractor,
+            seed=args.seed,
+            assignments=torch.from_numpy(np.asarray(assignments, np.int64)),
+            centroids=torch.from_numpy(island_centroids(features, assignments, args.k)),
+            image_size=args.image_size,
+            extra={"feature_dim": int(features.shape[1])},
+        )
+        if min(manifest.sizes) == 0:
+            print(f"warning: {manifest.sizes.count(0)} of {args.k} islands are empty")
+        with replacing_dir(out, "manifest") as staging:
+            manifest.save(staging)
     labels = getattr(dataset, "labels", torch.full((n,), -1))
     print(f"{method} partition of {manifest.data} ({n} samples, features {extractor}) into {args.k} islands -> {out}")
     print(summary_table(manifest, labels, getattr(dataset, "num_classes", 0)))

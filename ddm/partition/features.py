@@ -77,7 +77,7 @@ def load_image_encoder(path: str | Path) -> tuple[Callable[[torch.Tensor], torch
 
     try:
         processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load a feature model from {path}: {str(e).splitlines()[0]}") from None
 
@@ -114,6 +114,12 @@ def check_spec(spec: str) -> None:
         raise UsageError(f"unknown feature extractor {spec!r}: use one of {', '.join(EXTRACTORS)} or a local checkpoint directory")
     if not (path / "config.json").is_file():
         raise UsageError(f"feature model directory has no config.json: {spec}")
+
+
+def check_supported(spec: str, dataset) -> None:
+    """`clip-params` reads the generator parameters only moving-digit clips have."""
+    if spec == "clip-params" and not hasattr(dataset, "features"):
+        raise UsageError(f"--features clip-params needs moving-digit clips (--data moving-digits:...), not {getattr(dataset, 'name', 'this data')}")
 
 
 def extract_features(spec: str, dataset) -> tuple[np.ndarray, str]:

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ddm import UsageError
-from ddm.io import atomic_save_tensors, atomic_write_json, replaced_dir
+from ddm.io import atomic_save_tensors, atomic_write_json, replaced_dir, verify_owned
 
 FORMAT = "ddm-manifest/1"
 
@@ -73,21 +73,15 @@ class Manifest:
         meta_path, tensors_path = path / "manifest.json", path / "partition.safetensors"
         if not meta_path.is_file():
             raise UsageError(f"manifest not found: {meta_path}")
+        verify_owned(path, "manifest")
         try:
             meta = json.loads(meta_path.read_text())
             tensors = load_file(tensors_path)
-        except (OSError, json.JSONDecodeError, SafetensorError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError) as e:
             raise UsageError(f"corrupt manifest {path}: {e}") from None
-        if meta.get("format") != FORMAT:
-            raise UsageError(f"{meta_path} is not a {FORMAT} manifest (format={meta.get('format')!r})")
-        fields = {k: meta[k] for k in ("k", "data", "data_fingerprint", "method", "extractor", "seed")}
-        return cls(
-            **fields,
-            assignments=tensors["assignments"],
-            centroids=tensors["centroids"],
-            image_size=meta.get("image_size"),
-            extra=meta.get("extra", {}),
-        )
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise UsageError(f"{meta_path} is not a {FORMAT} manifest (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+        return cls(**check_fields(meta, tensors, path))
 
     def load_dataset(self):
         """The data set this manifest was made from, checked against its fingerprint."""
@@ -96,3 +90,37 @@ class Manifest:
         ds = load_dataset(self.data, self.image_size)
         self.check_data(ds)
         return ds
+
+
+FIELD_TYPES = {"k": int, "data": str, "data_fingerprint": str, "method": str, "extractor": str, "seed": int}
+
+
+def check_fields(meta: dict, tensors: dict, path: Path) -> dict:
+    """The Manifest fields of a loaded manifest.json + partition.safetensors; UsageError naming a missing key, a
+    wrong type, or assignments that are not integer island indices 0..K-1."""
+    for key, kind in FIELD_TYPES.items():
+        if key not in meta:
+            raise UsageError(f"manifest {path}: manifest.json has no {key!r}")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise UsageError(f"manifest {path}: {key}={meta[key]!r} is not of type {kind.__name__}")
+    k = meta["k"]
+    if k < 1:
+        raise UsageError(f"manifest {path}: k={k} must be >= 1")
+    for name in ("assignments", "centroids"):
+        if name not in tensors:
+            raise UsageError(f"manifest {path}: partition.safetensors has no {name!r} tensor")
+    assignments, centroids = tensors["assignments"], tensors["centroids"]
+    if assignments.dtype != torch.int64 or assignments.dim() != 1:
+        raise UsageError(f"manifest {path}: assignments must be a 1-D int64 tensor, got {assignments.dtype} {tuple(assignments.shape)}")
+    if len(assignments) and not 0 <= int(assignments.min()) <= int(assignments.max()) < k:
+        raise UsageError(f"manifest {path}: assignments hold island {int(assignments.max())} or {int(assignments.min())}, outside 0..{k - 1}")
+    if not centroids.is_floating_point() or centroids.dim() != 2 or len(centroids) != k:
+        raise UsageError(f"manifest {path}: centroids must be a (K={k}, D) float tensor, got {centroids.dtype} {tuple(centroids.shape)}")
+    image_size = meta.get("image_size")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise UsageError(f"manifest {path}: image_size={image_size!r} is not a positive integer")
+    extra = meta.get("extra", {})
+    if not isinstance(extra, dict):
+        raise UsageError(f"manifest {path}: extra={extra!r} is not an object")
+    return {**{key: meta[key] for key in FIELD_TYPES}, "assignments": assignments, "centroids": centroids,
+            "image_size": image_size, "extra": extra}

@@ -7,6 +7,7 @@ Layout (inside the expert directory, beside the sampling view written by `ddm.mo
   state/ema.safetensors          fp32 EMA weights
   state/optimizer.safetensors    per-parameter optimizer tensors (AdamW moments and step counts)
   state/rng.safetensors          torch (CPU, CUDA) and NumPy RNG states of every rank
+  state/.ddm-owner.json          the SHA-256 of each file above (ddm.io), checked before a resume
 The directory is written under a staging name and renamed into place, so a SIGKILL at any moment leaves the
 previous state whole. `atomic_replace_dir` may leave only `state.old` if killed between its two renames;
 `load_state` falls back to it.
@@ -15,15 +16,15 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ddm import UsageError
-from ddm.io import atomic_replace_dir, atomic_save_tensors, atomic_write_json, replaced_dir, staging_dir
+from ddm.io import atomic_save_tensors, atomic_write_json, replaced_dir, replacing_dir, verify_owned
 
 STATE_FORMAT = "ddm-train-state/1"
 STATE_DIR = "state"
@@ -82,10 +83,8 @@ def save_state(
     rank_rngs: list[dict],
     scaler_state: dict | None,
 ) -> None:
-    """Write out/state atomically (staging dir inside `out`, then rename)."""
-    final = Path(out) / STATE_DIR
-    staging = staging_dir(final)
-    try:
+    """Write out/state atomically (staging dir inside `out`, then rename), with the SHA-256 of every file."""
+    with replacing_dir(Path(out) / STATE_DIR, "train-state", check_owner=False) as staging:  # out is claimed
         atomic_save_tensors(staging / "model.safetensors", model_state)
         atomic_save_tensors(staging / "ema.safetensors", ema_state)
         opt_tensors, opt_meta = _split_optimizer(optimizer_state)
@@ -107,10 +106,6 @@ def save_state(
                 "rng": [{k: v for k, v in rng.items() if not torch.is_tensor(v)} for rng in rank_rngs],
             },
         )
-        atomic_replace_dir(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def find_state(out: Path) -> Path | None:
@@ -118,32 +113,46 @@ def find_state(out: Path) -> Path | None:
     return state if (state / "state.json").is_file() else None
 
 
+STATE_KEYS = ("step", "samples_seen", "wall_time", "config", "optimizer", "scaler", "rng")
+
+
 def read_state_meta(path: Path) -> dict:
     try:
         meta = json.loads((path / "state.json").read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"corrupt training state {path}: {e}") from None
-    if meta.get("format") != STATE_FORMAT:
-        raise UsageError(f"{path} is not a {STATE_FORMAT} training state (format={meta.get('format')!r})")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"corrupt training state {path}: state.json: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise UsageError(f"{path} is not a {STATE_FORMAT} training state (format={found!r})")
+    missing = [k for k in STATE_KEYS if k not in meta]
+    if missing or not isinstance(meta["step"], int) or not isinstance(meta["config"], dict):
+        raise UsageError(f"corrupt training state {path}: state.json lacks or mistypes {', '.join(missing) or 'step/config'}")
     return meta
 
 
 def load_state(path: Path, rank: int) -> dict:
-    """The tensors and scalars `save_state` wrote; `rng` is this rank's."""
+    """The tensors and scalars `save_state` wrote; `rng` is this rank's. Every file is checked against the
+    SHA-256 recorded when it was saved, and any damage is a UsageError naming the file."""
     meta = read_state_meta(path)
-    rng_tensors = load_file(path / "rng.safetensors")
-    prefix = f"rank{rank}."
-    rng = {k[len(prefix):]: v for k, v in rng_tensors.items() if k.startswith(prefix)}
-    rng.update(meta["rng"][rank])
-    return {
-        **meta,
-        "model": load_file(path / "model.safetensors"),
-        "ema": load_file(path / "ema.safetensors"),
-        "optimizer": _join_optimizer(load_file(path / "optimizer.safetensors"), meta["optimizer"]),
-        "rng": rng,
-    }
+    verify_owned(path, "training state")
+    try:
+        tensors = {name: load_file(path / f"{name}.safetensors") for name in ("model", "ema", "optimizer", "rng")}
+        prefix = f"rank{rank}."
+        rng = {k[len(prefix):]: v for k, v in tensors["rng"].items() if k.startswith(prefix)}
+        rng.update(meta["rng"][rank])
+        optimizer = _join_optimizer(tensors["optimizer"], meta["optimizer"])
+    except (OSError, SafetensorError, KeyError, IndexError, TypeError, ValueError) as e:
+        raise UsageError(f"corrupt training state {path}: {type(e).__name__}: {e}") from None
+    return {**meta, "model": tensors["model"], "ema": tensors["ema"], "optimizer": optimizer, "rng": rng}
 
 
 def config_difference(saved: dict, current: dict) -> list[str]:
     keys = sorted(set(saved) | set(current))
     return [f"{k}={saved.get(k)!r} (checkpoint) vs {current.get(k)!r} (now)" for k in keys if saved.get(k) != current.get(k)]
+
+
+def diverged(out: Path, step: int, what: str) -> UsageError:
+    """The error that stops a run whose numbers turned non-finite, before anything more of it is saved."""
+    state = find_state(out)
+    kept = f"its last checkpoint with finite weights (step {read_state_meta(state)['step']}) stays in {state}" if state else "no checkpoint was saved"
+    return UsageError(f"training diverged at step {step}: {what}; stopped, {kept}. Lower --lr or set --grad-clip")

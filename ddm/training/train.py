@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ddm import UsageError, command_args, run_reporting_usage_errors
+from ddm import OneLineParser, UsageError, command_args, run_reporting_usage_errors
 from ddm.data.stream import STREAM_NOISE, StreamSampler, derive_seed
 from ddm.flow import FlowConfig, add_noise, to_timestep, velocity_target
 from ddm.io import atomic_write_bytes
 from ddm.models.experts import write_expert
 from ddm.partition.manifest import Manifest
 from ddm.training.checkpoint import (
-    STATE_DIR, capture_rng, config_difference, find_state, load_state, read_state_meta, restore_rng, save_state,
+    STATE_DIR, capture_rng, config_difference, diverged, find_state, load_state, read_state_meta, restore_rng, save_state,
 )
 from ddm.training.modality import MODALITIES, get_modality
 
@@ -44,7 +44,7 @@ from ddm.training.modality import MODALITIES, get_modality
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="partition manifest directory (read only)")
     p.add_argument("--island", required=True, help="island index 0..K-1, or 'all' for the monolith")
-    p.add_argument("--out", required=True, help="expert directory: the only place this run writes")
+    p.add_argument("--out", required=True, help="expert folder, the only place this run writes: new, empty, or an expert ddm wrote (resumed)")
     p.add_argument("--modality", default="image", help=f"one of {', '.join(MODALITIES)}")
     p.add_argument("--preset", default="small", help="model size preset (tiny, small, base)")
     p.add_argument("--steps", type=int, default=2000, help="total optimizer steps (may be raised on resume)")
@@ -79,36 +79,37 @@ def parse_island(value: str) -> int | str:
 
 
 def check_out_dir(out: Path, resume_required: bool) -> Path | None:
-    """The training state to resume from, or None for a fresh run; refuses a directory that is not ours."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
+    """The training state to resume from, or None for a fresh run; refuses a folder that is not an expert's."""
+    from ddm.io import check_owned, read_owner
+
     state = find_state(out) if out.is_dir() else None
-    if state is None:
-        if resume_required:
-            raise UsageError(f"--resume given but {out} holds no training state")
-        foreign = [p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in ("metrics.jsonl", "train")] if out.is_dir() else []
-        if foreign:
-            raise UsageError(f"--out {out} is not empty and holds no training state ({', '.join(sorted(foreign)[:3])}); refusing to overwrite it")
+    if state is None or read_owner(out) is not None:  # else trained before ddm marked its folders: the state says it is ours
+        check_owned(out, "expert", writable=False)  # taking the lock inside it showed that it can be written
+    if state is None and resume_required:
+        raise UsageError(f"--resume given but {out} holds no training state")
     return state
 
 
 def check_numbers(args) -> None:
-    for flag, value, ok in [
-        ("--steps", args.steps, args.steps >= 1),
-        ("--batch-size", args.batch_size, args.batch_size >= 1),
-        ("--grad-accum", args.grad_accum, args.grad_accum >= 1),
-        ("--lr", args.lr, args.lr > 0),
-        ("--weight-decay", args.weight_decay, args.weight_decay >= 0),
-        ("--warmup-steps", args.warmup_steps, args.warmup_steps >= 0),
-        ("--grad-clip", args.grad_clip, args.grad_clip >= 0),
-        ("--ema-decay", args.ema_decay, 0 <= args.ema_decay < 1),
-        ("--label-dropout", args.label_dropout, 0 <= args.label_dropout < 1),
-        ("--checkpoint-every", args.checkpoint_every, args.checkpoint_every >= 1),
-        ("--log-every", args.log_every, args.log_every >= 1),
-        ("--workers", args.workers, args.workers >= 0),
+    from ddm.checks import check_range, check_seed
+
+    for flag, value, bounds in [
+        ("--steps", args.steps, dict(low=1)),
+        ("--batch-size", args.batch_size, dict(low=1)),
+        ("--grad-accum", args.grad_accum, dict(low=1)),
+        ("--lr", args.lr, dict(above=0)),
+        ("--weight-decay", args.weight_decay, dict(low=0)),
+        ("--warmup-steps", args.warmup_steps, dict(low=0)),
+        ("--grad-clip", args.grad_clip, dict(low=0)),
+        ("--ema-decay", args.ema_decay, dict(low=0, below=1)),
+        ("--label-dropout", args.label_dropout, dict(low=0, below=1)),
+        ("--flow-shift", args.flow_shift, dict(above=0)),
+        ("--checkpoint-every", args.checkpoint_every, dict(low=1)),
+        ("--log-every", args.log_every, dict(low=1)),
+        ("--workers", args.workers, dict(low=0)),
     ]:
-        if not ok:
-            raise UsageError(f"{flag} {value} is out of range")
+        check_range(flag, value, **bounds)
+    check_seed(args.seed)
 
 
 def weights_digest(state_dict: dict) -> str:
@@ -134,6 +135,14 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train under an exclusive lock on --out (taken by the first process), so two runs never share a folder."""
+    from ddm.io import output_lock
+
+    with output_lock(Path(args.out)) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        return train_under_lock(args)
+
+
+def train_under_lock(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -206,7 +215,10 @@ def run(args: argparse.Namespace) -> int:
         start_step, wall_before = state["step"], state["wall_time"]
     accelerator.wait_for_everyone()  # every rank has read the state before the main process tidies --out
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        from ddm.io import mark_owned, read_owner
+
+        if read_owner(out) is None:
+            mark_owned(out, "expert")  # before anything else lands in --out
         if state_path is not None and state_path.name != STATE_DIR:  # a kill between atomic_replace_dir's renames
             os.replace(state_path, out / STATE_DIR)  # put it back, so the next checkpoint keeps it until replaced
         for leftover in out.glob(".*.staging"):  # a checkpoint a kill interrupted
@@ -310,6 +322,8 @@ class IslandTrainer:
             done = step + 1
             if done % args.log_every == 0 or done == args.steps:
                 mean_loss = acc.reduce(loss_sum, reduction="mean").item() / interval_steps
+                if not math.isfinite(mean_loss):
+                    raise diverged(out, done, f"mean loss {mean_loss}")
                 now = time.perf_counter()
                 record = {
                     "step": done,
@@ -341,6 +355,8 @@ class IslandTrainer:
 
 
         acc = self.accelerator
+        if not self.weights_finite():  # the replicas are equal, so every rank stops here together
+            raise diverged(out, step, "the weights are not finite")
         rank_rngs = gather_object([capture_rng()])
         digests = gather_object([weights_digest(self.unwrapped.state_dict())])
         if acc.is_main_process:
@@ -359,13 +375,17 @@ class IslandTrainer:
             self.write_expert_view(out, step, {**meta, "replica_digests": digests})
         acc.wait_for_everyone()
 
+    def weights_finite(self) -> bool:
+        return bool(torch.stack([p.detach().isfinite().all() for p in self.params]).all())
+
     def write_expert_view(self, out: Path, step: int, meta: dict) -> None:
         if not self.accelerator.is_main_process:
             return
         meta = {**meta, "step": step, "steps": self.args.steps, "complete": step >= self.args.steps}
-        write_expert(out, self.ema.denoiser, self.unwrapped.denoiser, meta)
+        (out / "expert.json").unlink(missing_ok=True)  # back last, once the whole view below is written
         self.modality.save_extras(self.ema, out)
         self.modality.save_extras(self.unwrapped, out / "raw")
+        write_expert(out, self.ema.denoiser, self.unwrapped.denoiser, meta)
 
 
 def train_island(**options) -> Path:
@@ -378,8 +398,8 @@ def train_island(**options) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddm.training.train", description="Train one island's expert.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(prog="python -m ddm.training.train", description="Train one island's expert.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     return run_reporting_usage_errors(run, parser.parse_args(argv))
 

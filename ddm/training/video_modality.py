@@ -10,7 +10,6 @@ Expert directory: the Wan transformer at the top (EMA) and in raw/, the prompt e
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -128,15 +127,11 @@ class VideoModality(Modality):
         return cond.masked_fill(drop.view(-1, 1), PAD)
 
     def save_extras(self, network, directory):
-        from ddm.io import atomic_replace_dir, staging_dir
+        from ddm.io import replacing_dir
 
-        final = Path(directory) / "prompt_encoder"
-        staging = staging_dir(final)
-        try:
+        # a sub-folder of the expert folder the trainer claimed; marked with its files' SHA-256
+        with replacing_dir(Path(directory) / "prompt_encoder", "prompt-encoder", check_owner=False) as staging:
             network.prompt_encoder.save_pretrained(staging)
-            atomic_replace_dir(staging, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def expert_meta(self):
         return {
