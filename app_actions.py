@@ -254,6 +254,7 @@ class Actions:
         compare: bool, monolith_dir: str,
     ):
         """Images through the router ensemble, its routing weights per step, optionally the monolith's (same noise)."""
+        from ddm.data.vae import expert_vae
         from router.ensemble import DDMEnsemble
         from router.pipeline import make_pipeline
 
@@ -269,7 +270,9 @@ class Actions:
         num_classes = ensemble.metas[0]["num_classes"]
         labels = class_labels(class_label, count, num_classes, seed)
         shift = ensemble.metas[0]["flow"]["shift"]
-        images = make_pipeline(ensemble, shift)(
+        pipe = make_pipeline(ensemble, shift)
+        pipe.register_modules(vae=expert_vae(ensemble.metas[0]))  # latent-space experts decode with their VAE
+        images = pipe(
             labels, num_inference_steps=steps, guidance_scale=cfg, generator=torch.Generator().manual_seed(seed)
         ).images
         # With CFG the ensemble also routes the unconditional rows; those of the conditional ones are plotted.
@@ -282,7 +285,9 @@ class Actions:
                 raise UserError(
                     f"Monolith {monolith_dir!r} does not make the samples the ensemble makes (size or classes differ)."
                 )
-            monolith_images = make_pipeline(model, meta["flow"]["shift"])(
+            monolith_pipe = make_pipeline(model, meta["flow"]["shift"])
+            monolith_pipe.register_modules(vae=expert_vae(meta))
+            monolith_images = monolith_pipe(
                 labels, num_inference_steps=steps, guidance_scale=cfg, generator=torch.Generator().manual_seed(seed)
             ).images
             monolith = [(image, f"class {c} · monolith") for image, c in zip(monolith_images, labels.tolist())]
@@ -291,6 +296,7 @@ class Actions:
     @friendly
     def expert_samples(self, experts_dir: str, steps, seed, class_label: str):
         """One sample per expert directory under `experts_dir`, all from the same noise and class."""
+        from ddm.data.vae import expert_vae
         from router.pipeline import make_pipeline
 
         experts_path = self.roots.dir(experts_dir, "Experts directory")
@@ -308,7 +314,9 @@ class Actions:
         for expert_dir in expert_dirs:
             model, meta = load_expert(expert_dir)
             labels = class_labels(class_label, 1, meta["num_classes"], seed)
-            image = make_pipeline(model, meta["flow"]["shift"])(
+            pipe = make_pipeline(model, meta["flow"]["shift"])
+            pipe.register_modules(vae=expert_vae(meta))
+            image = pipe(
                 labels, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)
             ).images[0]
             samples.append((image, f"{expert_dir.name} · class {labels.item()}"))

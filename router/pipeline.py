@@ -15,11 +15,12 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 
 
 class DDMPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "transformer"
+    model_cpu_offload_seq = "transformer->vae"
 
-    def __init__(self, transformer, scheduler: FlowMatchEulerDiscreteScheduler):
+    def __init__(self, transformer, scheduler: FlowMatchEulerDiscreteScheduler, vae=None):
         super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler)
+        # vae: the AutoencoderKL of latent-space experts (ddm/data/vae.py); None for pixel-space ones
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
 
     @torch.inference_mode()
     def __call__(
@@ -61,6 +62,9 @@ class DDMPipeline(DiffusionPipeline):
                 cond, uncond = velocity.chunk(2)
                 velocity = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(velocity, t, latents).prev_sample
+        if self.vae is not None:  # model-space latents -> the VAE's own -> images in [-1, 1]
+            scaling, shift = self.vae.config.scaling_factor, self.vae.config.shift_factor or 0.0
+            latents = self.vae.decode(latents.to(self.vae.dtype) / scaling + shift).sample
         images = (latents / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             images = images.float().permute(0, 2, 3, 1).cpu().numpy()

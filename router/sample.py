@@ -89,6 +89,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ddm.data.vae import expert_vae
     from router.pipeline import make_pipeline
 
     out = Path(args.out)
@@ -106,6 +107,7 @@ def run(args) -> int:
     classes = torch.tensor(args.classes if args.classes else list(range(num_classes)))
     labels = classes.repeat(math.ceil(args.n / len(classes)))[: args.n]
     pipe = make_pipeline(ensemble, ensemble.metas[0]["flow"]["shift"])
+    pipe.register_modules(vae=expert_vae(ensemble.metas[0]))  # latent-space experts: decode with their VAE
     images = pipe(labels, args.steps, args.cfg, torch.Generator().manual_seed(args.seed), output_type="pt").images
     stats = routing_statistics(ensemble.routing_weights, labels, pipe.scheduler.sigmas[:-1], args.cfg != 1.0)
     stats.update(strategy=str(ensemble.strategy), islands_present=ensemble.islands, seed=args.seed, cfg=args.cfg)

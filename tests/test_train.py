@@ -99,7 +99,7 @@ def test_label_dropout_belongs_to_the_trainer(digits_manifest):
     from ddm.partition.manifest import Manifest
     from ddm.training.modality import get_modality
 
-    modality = get_modality("image")(Manifest.load(digits_manifest), argparse.Namespace(patch_size=2))
+    modality = get_modality("image")(Manifest.load(digits_manifest), argparse.Namespace(patch_size=2, preset="tiny"))
     net = modality.build("tiny").train()
     x, t, y = torch.randn(64, 1, 8, 8), torch.full((64,), 500.0), torch.arange(64) % 10
     assert torch.equal(net(x, t, y), net(x, t, y))
