@@ -16,6 +16,7 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 
 class DDMPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["vae"]
 
     def __init__(self, transformer, scheduler: FlowMatchEulerDiscreteScheduler, vae=None):
         super().__init__()
