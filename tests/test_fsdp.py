@@ -101,3 +101,24 @@ def test_a_different_global_batch_is_refused(runs, tmp_path, capsys):
     code = main(["train", "--manifest", str(root / "manifest"), "--out", str(tmp_path / "copy"), "--steps", "6", *TRAIN, "--batch-size", "16"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "would change the data order" in err and "16" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name, sharded, processes", [("ddp", False, 8), ("fsdp", True, 8), ("two-node", True, 16)])
+def test_shipped_accelerate_configs(name, sharded, processes, monkeypatch):
+    """What `accelerate launch --config_file` would put in the environment, and whether the trainer then shards."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from ddm.training.train import sharding_requested
+
+    args = launch_command_parser().parse_args(["--config_file", str(REPO / "configs" / "accelerate" / f"{name}.yaml"), "-m", "ddm.training.train"])
+    args, _, _ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    assert args.num_processes == processes and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_SHARDING_STRATEGY"):
+        if key in env:
+            monkeypatch.setenv(key, env[key])
+    assert sharding_requested(False) == sharded
+    if sharded:
+        assert env["FSDP_VERSION"] == "2" and env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"

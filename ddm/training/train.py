@@ -138,6 +138,12 @@ def check_compile() -> None:
         raise UsageError(f"--compile: torch finds no C++ compiler for CPU code (tried {', '.join(c for c in config.cpp.cxx if c)})") from None
 
 
+def sharding_requested(fsdp_flag: bool) -> bool:
+    """--fsdp, or an FSDP accelerate config (accelerate turns one into plain DDP on CPU; the environment flag
+    `accelerate launch` sets still says what was asked for)."""
+    return fsdp_flag or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def keep_batch(batch):
     """collate_fn for data sets that return whole batches (`returns_batches`)."""
     return batch
@@ -184,8 +190,7 @@ def run(args: argparse.Namespace) -> int:
         if importlib.util.find_spec("tensorboard") is None:
             raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
     precision = resolve_precision(args.mixed_precision)
-    # accelerate turns an FSDP config into plain DDP on CPU; its environment flag still says what was asked for
-    sharded = args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    sharded = sharding_requested(args.fsdp)
     if sharded and precision == "fp16":
         raise UsageError("--mixed-precision fp16 with FSDP: use bf16 (fp16 needs a sharded grad scaler)")
     if args.compile:
