@@ -138,6 +138,15 @@ def check_compile() -> None:
         raise UsageError(f"--compile: torch finds no C++ compiler for CPU code (tried {', '.join(c for c in config.cpp.cxx if c)})") from None
 
 
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """Fused AdamW (one kernel for all parameters; CUDA, and CPU in recent torch) where torch has it."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def sharding_requested(fsdp_flag: bool) -> bool:
     """--fsdp, or an FSDP accelerate config (accelerate turns one into plain DDP on CPU; the environment flag
     `accelerate launch` sets still says what was asked for)."""
@@ -270,8 +279,7 @@ def run(args: argparse.Namespace) -> int:
 
         net.to(accelerator.device), ema.to(accelerator.device)
         shard(net), shard(ema)
-    fused = accelerator.device.type == "cuda"  # one kernel per step for all parameters
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    optimizer = adamw(net.parameters(), args.lr, args.weight_decay)
     # made before the optimizer state is loaded: it sets the learning rate of step 0, which the state overrides
     scheduler = get_scheduler(LR_SCHEDULES[args.lr_schedule], optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
     if not sharded:

@@ -40,6 +40,7 @@ class IslandTrainer:
         self.unwrapped = net if sharded else accelerator.unwrap_model(net)
         self.params = [p for p in self.unwrapped.parameters() if p.requires_grad]
         self.ema_params = [p for p, q in zip(ema.parameters(), self.unwrapped.parameters()) if q.requires_grad]
+        self.buffer_pairs = list(zip(ema.buffers(), self.unwrapped.buffers()))
 
     def generator(self, stream: int, step: int) -> torch.Generator:
         device = self.accelerator.device
@@ -75,7 +76,9 @@ class IslandTrainer:
         limit = self.args.grad_clip if self.args.grad_clip > 0 else math.inf
         if self.sharded:
             return torch.nn.utils.clip_grad_norm_(self.params, limit).full_tensor()
-        return self.accelerator.clip_grad_norm_(self.net.parameters(), limit)
+        if self.accelerator.scaler is not None:  # fp16: clip the true gradients
+            self.accelerator.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(self.params, limit, foreach=True)  # DDP grads are reduced already
 
     @torch.no_grad()
     def update_ema(self, step: int) -> None:
@@ -83,8 +86,8 @@ class IslandTrainer:
         if self.sharded:  # shard by shard: both copies are sharded alike
             torch._foreach_lerp_([p.to_local() for p in self.ema_params], [p.to_local() for p in self.params], 1 - decay)
         else:
-            torch._foreach_lerp_(self.ema_params, [p.detach().float() for p in self.params], 1 - decay)
-        for b_ema, b in zip(self.ema.buffers(), self.unwrapped.buffers()):
+            torch._foreach_lerp_(self.ema_params, self.params, 1 - decay)  # both fp32: autocast leaves weights alone
+        for b_ema, b in self.buffer_pairs:
             b_ema.copy_(b)
 
     def train(self, loader, start_step: int, wall_before: float, out: Path, meta: dict) -> None:
