@@ -8,6 +8,7 @@ first image, so a killed and resumed run writes the same bytes as an uninterrupt
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -33,8 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_out(out: Path, plan: dict) -> dict | None:
     """The plan already in --out, if it is this encoding's; refuses another encoding's or foreign files."""
-    import json
-
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     if not (out / PLAN).is_file():

@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     net = modality.build(args.preset)
-    num_parameters, flops = describe(net, modality, args.preset, accelerator.is_main_process)
+    num_parameters, flops = describe(net, args.preset, accelerator.is_main_process)
     if args.gradient_checkpointing:
         net.denoiser.enable_gradient_checkpointing()
     ema = copy.deepcopy(net).float().requires_grad_(False)
@@ -298,21 +298,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tensorboard:
         accelerator.init_trackers("train", config={k: str(v) for k, v in config.items()})
 
-    dataset = modality.dataset(indices)
-    batched = getattr(dataset, "returns_batches", False)
-    workers = args.workers
-    if workers is None:  # decoding per item on a GPU machine: decode in parallel with the step
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        workers = 0 if batched or accelerator.device.type != "cuda" else min(8, max(1, (os.cpu_count() or 1) // local_processes - 1))
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=StreamSampler(len(indices), args.seed, args.batch_size, micro, args.grad_accum, rank, start_step, args.steps),
-        collate_fn=keep_batch if batched else None,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-        pin_memory=accelerator.device.type == "cuda",
-    )
+    sampler = StreamSampler(len(indices), args.seed, args.batch_size, micro, args.grad_accum, rank, start_step, args.steps)
+    loader = make_loader(modality.dataset(indices), sampler, args.workers, accelerator.device)
     trainer = IslandTrainer(args, accelerator, modality, net, ema, optimizer, scheduler, flow, config, micro, sharded)
     meta = {
         **modality.expert_meta(),
@@ -334,7 +321,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe(net, modality, preset: str, show: bool) -> tuple[int, int | None]:
+def make_loader(dataset, sampler: StreamSampler, workers: int | None, device: torch.device) -> torch.utils.data.DataLoader:
+    """Whole batches straight from data sets that return them; worker processes by default for data decoded per
+    item on a GPU machine (on CPU they would take the cores the step uses)."""
+    batched = getattr(dataset, "returns_batches", False)
+    if workers is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        workers = 0 if batched or device.type != "cuda" else min(8, max(1, (os.cpu_count() or 1) // local_processes - 1))
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=keep_batch if batched else None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def describe(net, preset: str, show: bool) -> tuple[int, int | None]:
     """Parameter count and forward FLOPs per sample (DiT experts), printed by the main process."""
     from diffusers import DiTTransformer2DModel
 
