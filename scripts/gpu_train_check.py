@@ -18,6 +18,7 @@ the host syncs per training step of ours (CUDA sync debug mode, runs of 10 and 2
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import sys
@@ -72,6 +73,7 @@ def synchronize(device: torch.device) -> None:
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
+        gc.collect()  # the previous run's model and optimizer
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
