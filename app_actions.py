@@ -233,6 +233,9 @@ class Actions:
         if manifest.data not in BUILT_IN_DATA and manifest.data.partition(":")[0] not in BUILT_IN_DATA:
             self.roots.dir(manifest.data, "The manifest's data folder")  # an image folder: allowed roots only
         dataset = manifest.load_dataset()
+        if hasattr(dataset, "source_images"):  # a latent cache: show the images it was encoded from
+            self.roots.dir(dataset.index["source"], "The latent cache's image folder")
+            dataset = dataset.source_images()
         sizes = manifest.sizes
         clusters = []
         for k in range(manifest.k):

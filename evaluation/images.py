@@ -4,7 +4,8 @@ FID is torchmetrics' `FrechetInceptionDistance` on features that need no downloa
 - digits (default): the penultimate 64-d features of the shipped digit classifier (evaluation/digit_classifier.py),
   against the fixed held-out 20% of the digits (359 images, seeded split; the classifier never saw them);
 - real data: `--feature-model PATH`, a local transformers vision checkpoint (pooled image feature), against
-  the images in `--reference DIR`.
+  the images in `--reference DIR`; with `--data LATENTS` (a latent cache) the reference defaults to the images
+  the cache was encoded from, at their size, and generated samples must come from experts on the same VAE.
 Samples come from `--samples` (a .safetensors written by `ddm sample`, or a folder of images, sub-folders
 named by class) or are generated with `--ensemble DIR --n N`, classes cycling 0..C-1.
 """
@@ -116,9 +117,26 @@ def evaluate_samples(images01, labels, reference01, features: ImageFeatures, cla
     return result
 
 
+def model_meta(model_dir) -> dict:
+    """expert.json of one expert directory, or of an ensemble's first expert (also inside a pipeline folder)."""
+    from ddm.models.experts import read_expert_meta
+
+    model_dir = Path(model_dir)
+    if (model_dir / "model_index.json").is_file():  # a pipeline folder: its transformer is the ensemble
+        return model_meta(model_dir / "transformer")
+    if (model_dir / "expert.json").is_file():
+        return read_expert_meta(model_dir)
+    try:
+        spec = json.loads((model_dir / "ensemble.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"not an expert or ensemble directory: {model_dir}: {e}") from None
+    return read_expert_meta(model_dir / spec["experts"][0])
+
+
 def generate(model_dir, n: int, strategy: str | None, steps: int, cfg: float, seed: int, batch_size: int = 256):
     """n samples in [0, 1] from a pipeline folder, an ensemble or one expert directory (e.g. the monolith), classes
-    cycling 0..C-1, and their labels. The same seed gives the same initial noise for either kind of model."""
+    cycling 0..C-1, and their labels. The same seed gives the same initial noise for either kind of model.
+    Latent-space experts decode with their VAE (load_pipeline attaches it)."""
     from router.pipeline import load_pipeline
 
     pipe = load_pipeline(model_dir, strategy)
@@ -137,9 +155,9 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=50, help="Euler sampling steps with --ensemble")
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale with --ensemble (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial noise with --ensemble")
-    p.add_argument("--data", default="digits", help="'digits' (shipped classifier features) or use --feature-model/--reference")
+    p.add_argument("--data", default="digits", help="'digits' (shipped classifier features), a latent directory, or use --feature-model/--reference")
     p.add_argument("--feature-model", help="local transformers vision checkpoint for real data")
-    p.add_argument("--reference", help="folder of held-out real images for real data")
+    p.add_argument("--reference", help="folder of held-out real images for real data (default for --data LATENTS: its source images)")
     p.add_argument("--image-size", type=int, default=None, help="resize + center-crop size of image folders (default: the reference's)")
     p.add_argument("--out", help="write the metrics JSON here")
 
@@ -153,6 +171,8 @@ def check_samples(images: torch.Tensor, labels: torch.Tensor | None, num_classes
 
 
 def run(args) -> int:
+    from ddm.data.latents import LatentDataset, is_latent_dir
+
     from ddm.checks import check_range, check_seed
     from ddm.io import check_json_output, output_lock
 
@@ -165,15 +185,21 @@ def run(args) -> int:
     if args.out:
         check_json_output(Path(args.out), EVAL_FORMAT)
     real_data = args.data != "digits"
-    if real_data and not (args.feature_model and args.reference):
+    latents = LatentDataset(args.data) if real_data and is_latent_dir(args.data) else None
+    if real_data and not (args.feature_model and (args.reference or latents)):
         raise UsageError(f"--data {args.data}: real data needs --feature-model PATH and --reference DIR (no downloads)")
     if args.ensemble and args.n < 2:
         raise UsageError(f"--n must be >= 2 for FID, got {args.n}")
+    if args.ensemble and latents is not None:
+        from ddm.data.vae import check_same_vae
+
+        check_same_vae(model_meta(args.ensemble).get("vae"), f"the experts of {args.ensemble}", latents.vae, f"the latents {args.data}")
     if real_data:
         from ddm.data.images import ImageFolderDataset
 
         features, classifier, num_classes = pretrained_features(args.feature_model), None, 0
-        ref = ImageFolderDataset(args.reference, args.image_size or 224)
+        default_size = latents.pixel_size if latents is not None else 224
+        ref = ImageFolderDataset(args.reference or latents.index["source"], args.image_size or default_size)
         reference = (torch.stack([ref[i][0] for i in range(len(ref))]) + 1) / 2
         channels = 3
     else:

@@ -9,6 +9,7 @@ import sys
 from ddm import OneLineParser, __version__, run_reporting_usage_errors
 
 COMMANDS = {
+    "encode": ("ddm.data.encode", "encode an image folder with a local VAE into a latent cache"),
     "partition": ("ddm.partition.cluster", "cluster a data set into K islands and write a manifest"),
     "train": ("ddm.training.train", "train one island's expert (or the monolith with --island all)"),
     "train-router": ("router.train", "train the router that predicts the island of a noisy sample"),

@@ -53,6 +53,9 @@ def check_router_config(path: Path) -> None:
 
 def check_experts(metas: list[dict], configs: list[dict], paths: list) -> None:
     """Experts must come from one partition, one noise path and one sample shape (UsageError naming the odd one)."""
+    from ddm.data.vae import check_same_vae
+
+
     for meta, path in zip(metas, paths):
         missing = [key for key in ("island", "k", "manifest_fingerprint", "flow", "num_classes") if key not in meta]
         if missing:
@@ -60,6 +63,7 @@ def check_experts(metas: list[dict], configs: list[dict], paths: list) -> None:
     first, first_cfg = metas[0], configs[0]
     seen = set()
     for meta, cfg, path in zip(metas, configs, paths):
+        check_same_vae(meta.get("vae"), f"expert {path}", first.get("vae"), f"expert {paths[0]}")
         for key in ("k", "manifest_fingerprint", "flow", "num_classes"):
             if meta.get(key) != first.get(key):
                 raise UsageError(f"expert {path} has {key}={meta.get(key)!r} but {paths[0]} has {first.get(key)!r}")
@@ -93,6 +97,9 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
         if self.metas[0]["k"] != k:
             raise UsageError(f"router has K={k} but the experts' manifest has K={self.metas[0]['k']}")
         rc, ec = router.config, experts[0].config
+        if rc.get("vae_hash") != (self.metas[0].get("vae") or {}).get("hash"):
+            raise UsageError(f"router was trained on latents of VAE {rc.get('vae_hash')}, the experts on those of "
+                             f"{(self.metas[0].get('vae') or {}).get('hash')} (None: pixel space)")
         if (rc.sample_size, rc.in_channels) != (ec.sample_size, ec.in_channels):
             raise UsageError(
                 f"router expects {rc.in_channels}x{rc.sample_size}x{rc.sample_size} samples, "

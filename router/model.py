@@ -27,7 +27,8 @@ class RouterModel(ModelMixin, ConfigMixin):
     """Patchify -> [CLS | patches] + (timestep [+ class] embedding) -> pre-norm transformer layers -> CLS -> K logits.
 
     With `num_classes` set, class label `num_classes` means "no class" (the CFG null label), as for experts.
-    `flow` and `manifest_fingerprint` record what the router was trained for; the ensemble checks them.
+    `flow`, `manifest_fingerprint` and `vae_hash` (latent-space data) record what the router was trained for; the
+    ensemble checks them.
     """
 
     @register_to_config
@@ -44,6 +45,7 @@ class RouterModel(ModelMixin, ConfigMixin):
         logit_correction: list[float] | None = None,
         flow: dict | None = None,
         manifest_fingerprint: str | None = None,
+        vae_hash: str | None = None,
     ):
         super().__init__()
         num_patches = (sample_size // patch_size) ** 2

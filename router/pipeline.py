@@ -26,11 +26,13 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 
 
 class DDMPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "transformer"
+    model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["vae"]
 
-    def __init__(self, transformer, scheduler: FlowMatchEulerDiscreteScheduler):
+    def __init__(self, transformer, scheduler: FlowMatchEulerDiscreteScheduler, vae=None):
         super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler)
+        # vae: the AutoencoderKL of latent-space experts (ddm/data/vae.py); None for pixel-space ones
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
 
     @torch.inference_mode()
     def __call__(
@@ -72,6 +74,9 @@ class DDMPipeline(DiffusionPipeline):
                 cond, uncond = velocity.chunk(2)
                 velocity = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(velocity, t, latents).prev_sample
+        if self.vae is not None:  # model-space latents -> the VAE's own -> images in [-1, 1]
+            scaling, shift = self.vae.config.scaling_factor, self.vae.config.shift_factor or 0.0
+            latents = self.vae.decode(latents.to(self.vae.dtype) / scaling + shift).sample
         images = (latents / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             images = images.float().permute(0, 2, 3, 1).cpu().numpy()
@@ -88,20 +93,21 @@ class DDMPipeline(DiffusionPipeline):
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
 
 
-def make_pipeline(transformer, flow_shift: float = 1.0) -> DDMPipeline:
-    """The pipeline with its scheduler on the experts' SD3 shift."""
-    pipe = DDMPipeline(transformer, FlowMatchEulerDiscreteScheduler(shift=flow_shift))
+def make_pipeline(transformer, flow_shift: float = 1.0, vae=None) -> DDMPipeline:
+    """The pipeline with its scheduler on the experts' SD3 shift (and the VAE of latent-space experts)."""
+    pipe = DDMPipeline(transformer, FlowMatchEulerDiscreteScheduler(shift=flow_shift), vae)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def ensemble_pipeline(router_dir, expert_dirs, strategy: str | None = None, device=None, dtype=None) -> DDMPipeline:
     """Router directory + any subset of expert directories → a pipeline over their ensemble."""
+    from ddm.data.vae import expert_vae
     from router.ensemble import DDMEnsemble
     from router.strategies import DEFAULT_STRATEGY
 
     ensemble = DDMEnsemble.from_dirs(router_dir, expert_dirs, strategy or DEFAULT_STRATEGY, device, dtype)
-    return make_pipeline(ensemble, ensemble.flow_shift)
+    return make_pipeline(ensemble, ensemble.flow_shift, expert_vae(ensemble.metas[0], device))
 
 
 def load_pipeline(path, strategy: str | None = None, device=None, dtype=None) -> DDMPipeline:
@@ -109,6 +115,7 @@ def load_pipeline(path, strategy: str | None = None, device=None, dtype=None) ->
 
     `strategy` overrides an ensemble's routing strategy; a single expert has none to override.
     """
+    from ddm.data.vae import expert_vae
     from ddm.models.experts import load_expert
     from router.ensemble import DDMEnsemble
 
@@ -134,10 +141,10 @@ def load_pipeline(path, strategy: str | None = None, device=None, dtype=None) ->
         return pipe.to(device) if device is not None else pipe
     if (path / DDMEnsemble.config_name).is_file():
         ensemble = DDMEnsemble.from_pretrained(path, strategy=strategy, device=device, torch_dtype=dtype)
-        return make_pipeline(ensemble, ensemble.flow_shift)
+        return make_pipeline(ensemble, ensemble.flow_shift, expert_vae(ensemble.metas[0], device))
     if (path / "expert.json").is_file():
         if strategy:
             raise UsageError(f"--strategy {strategy} needs an ensemble; {path} is a single expert")
         model, meta = load_expert(path, device=device, dtype=dtype)
-        return make_pipeline(model, meta["flow"]["shift"])
+        return make_pipeline(model, meta["flow"]["shift"], expert_vae(meta, device))
     raise UsageError(f"{path} is not a pipeline folder (model_index.json), an ensemble (ensemble.json) or an expert (expert.json)")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ddm import UsageError, command_args
+from ddm.data.vae import check_same_vae
 from ddm.models.experts import read_expert_meta
 from ddm.flow import FlowConfig, add_noise, to_timestep
 from ddm.io import atomic_write_json, check_owned, output_lock, replacing_dir
@@ -29,7 +30,10 @@ SIGMA_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 def dataset_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images (N, C, H, W) and labels (N,) of a small data set, in memory."""
+    """All images (N, C, H, W) and labels (N,) of a small data set, in memory; a latent cache gives its latent
+    means (the router learns where a sample came from, the encoder's small std does not matter for that)."""
+    if hasattr(dataset, "rows"):
+        return dataset.rows(range(len(dataset)))[0].float(), dataset.labels
     if hasattr(dataset, "images"):
         return dataset.images, dataset.labels
     return torch.stack([dataset[i][0] for i in range(len(dataset))]), dataset.labels
@@ -53,6 +57,7 @@ def read_experts(manifest: Manifest, expert_dirs: list) -> tuple[FlowConfig, dic
                 raise UsageError(f"expert {p}: config.json has {key}={value!r}, not a positive integer")
     check_experts(metas, configs, [str(p) for p in expert_dirs])
     meta = metas[0]
+    check_same_vae(meta.get("vae"), f"experts {expert_dirs[0]}", manifest.extra.get("vae"), f"the data of manifest {manifest.data}")
     if meta["k"] != manifest.k or meta["manifest_fingerprint"] != manifest.fingerprint:
         raise UsageError(
             f"experts were trained on manifest {meta['manifest_fingerprint']} (K={meta['k']}), "
@@ -93,6 +98,7 @@ def fit_router(
         num_experts=manifest.k, sample_size=images.shape[-1], in_channels=images.shape[1], patch_size=patch_size,
         hidden_dim=width, num_layers=layers, num_heads=heads, num_classes=num_classes if class_cond else None,
         logit_correction=correction, flow=flow.to_dict(), manifest_fingerprint=manifest.fingerprint,
+        vae_hash=(manifest.extra.get("vae") or {}).get("hash"),
     )
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))

@@ -3,6 +3,7 @@
 Real processes (SIGKILL + exact resume, isolation, 2-process data parallel) are in test_train_processes.py.
 """
 import json
+import math
 
 import pytest
 import torch
@@ -99,7 +100,7 @@ def test_label_dropout_belongs_to_the_trainer(digits_manifest):
     from ddm.partition.manifest import Manifest
     from ddm.training.modality import get_modality
 
-    modality = get_modality("image")(Manifest.load(digits_manifest), argparse.Namespace(patch_size=2))
+    modality = get_modality("image")(Manifest.load(digits_manifest), argparse.Namespace(patch_size=2, preset="tiny"))
     net = modality.build("tiny").train()
     x, t, y = torch.randn(64, 1, 8, 8), torch.full((64,), 500.0), torch.arange(64) % 10
     assert torch.equal(net(x, t, y), net(x, t, y))
@@ -172,3 +173,42 @@ def test_resuming_another_config_is_refused_and_keeps_the_checkpoint(trained, ca
     err = capsys.readouterr().err.strip()
     assert code == 2 and "lr=0.0003 (checkpoint) vs 0.001 (now)" in err and len(err.splitlines()) == 1
     assert snapshot(out) == before
+
+
+def test_gradient_checkpointing_changes_memory_not_results(digits_manifest, tmp_path):
+    runs = []
+    for extra in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / f"run{len(runs)}"
+        assert main(["train", "--manifest", str(digits_manifest), "--island", "0", "--out", str(out), *TINY, "--steps", "2", *extra]) == 0
+        runs.append(load_file(out / "state" / "model.safetensors"))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_cosine_schedule_resumes_exactly_and_pins_its_length(digits_manifest, tmp_path, monkeypatch, capsys):
+    """A run stopped after its step-3 checkpoint and resumed equals an uninterrupted one: weights and learning rates."""
+    from ddm.training.trainer import IslandTrainer
+
+    argv = ["train", "--manifest", str(digits_manifest), "--island", "0", *TINY, "--steps", "6", "--lr-schedule", "cosine", "--warmup-steps", "2"]
+    assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
+    plain_update = IslandTrainer.update_ema
+
+    def crash_at_step_3(self, step):
+        if step == 3:
+            raise RuntimeError("killed")
+        plain_update(self, step)
+
+    monkeypatch.setattr(IslandTrainer, "update_ema", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        main([*argv, "--out", str(tmp_path / "resumed")])
+    monkeypatch.setattr(IslandTrainer, "update_ema", plain_update)
+    assert json.loads((tmp_path / "resumed" / "state" / "state.json").read_text())["step"] == 3
+    assert main([*argv, "--out", str(tmp_path / "resumed")]) == 0
+    for f in ("state/model.safetensors", "state/ema.safetensors", "state/optimizer.safetensors"):
+        a, b = load_file(tmp_path / "straight" / f), load_file(tmp_path / "resumed" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    lrs = [[json.loads(line)["lr"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("straight", "resumed")]
+    # logged: the rates of steps 2 (warmup over: the full rate) and 5 (3/4 of the way down the cosine)
+    assert lrs[0] == lrs[1] == pytest.approx([3e-4, 3e-4 * 0.5 * (1 + math.cos(math.pi * 0.75))])
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "resumed"), "--steps", "8"]) == 2
+    assert "steps=6 (checkpoint) vs 8 (now)" in capsys.readouterr().err

@@ -213,7 +213,7 @@ def test_two_processes_train_one_expert_with_identical_replicas(two_process_run)
     assert meta["train_config"]["world_size"] == 2 and meta["complete"] and meta["num_samples"] == 32
     digests = meta["replica_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    from ddm.training.train import weights_digest
+    from ddm.training.trainer import weights_digest
 
     assert weights_digest(load_file(out / "state" / "model.safetensors")) == digests[0]  # the saved weights are those
     from ddm.models.experts import load_expert

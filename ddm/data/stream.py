@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-STREAM_DATA, STREAM_NOISE = 0, 1
+STREAM_DATA, STREAM_NOISE, STREAM_LATENT = 0, 1, 2
 
 
 def derive_seed(*keys: int) -> int:

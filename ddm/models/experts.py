@@ -24,24 +24,42 @@ EXPERT_FORMAT = "ddm-expert/1"
 META_TYPES = {"model_class": str, "k": int, "num_classes": int, "flow": dict, "files": dict}
 MODEL_CLASSES = {"DiTTransformer2DModel": DiTTransformer2DModel, "WanTransformer3DModel": WanTransformer3DModel}
 
-# DiT sizes. Parameter counts at 8x8x1 input, patch 2: tiny ~0.1M, small ~1.9M.
+# DiT sizes. Parameter counts at 8x8x1 input, patch 2: tiny ~0.1M, small ~1.9M. The DiT paper's sizes (S, B, L, XL:
+# layers x width 12x384, 12x768, 24x1024, 28x1152, 64-dim heads except XL's 72) come with their patch size in the name.
 DIT_PRESETS = {
     "tiny": dict(num_layers=2, num_attention_heads=2, attention_head_dim=16),
     "small": dict(num_layers=6, num_attention_heads=4, attention_head_dim=32),
     "base": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),
 }
+DIT_PAPER_SIZES = {
+    "S": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64),
+    "B": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64),
+    "L": dict(num_layers=24, num_attention_heads=16, attention_head_dim=64),
+    "XL": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72),
+}
+DIT_PRESETS.update({f"DiT-{size}/{patch}": dict(dims, patch_size=patch) for size, dims in DIT_PAPER_SIZES.items() for patch in (2, 4, 8)})
 
 
-def build_dit(preset: str, sample_size: int, in_channels: int, num_classes: int, patch_size: int = 2) -> DiTTransformer2DModel:
-    """A class-conditional DiT. Label `num_classes` is the "no class" label used for classifier-free guidance."""
+def preset_patch_size(preset: str, patch_size: int | None) -> int:
+    """The preset's own patch size (DiT-XL/2: 2), else `patch_size`, else 2; a contradiction is refused."""
     if preset not in DIT_PRESETS:
         raise UsageError(f"unknown model preset {preset!r}: choose from {', '.join(DIT_PRESETS)}")
+    own = DIT_PRESETS[preset].get("patch_size")
+    if own is not None and patch_size is not None and patch_size != own:
+        raise UsageError(f"--patch-size {patch_size} contradicts the preset {preset} (patch size {own})")
+    return own or patch_size or 2
+
+
+def build_dit(preset: str, sample_size: int, in_channels: int, num_classes: int, patch_size: int | None = None) -> DiTTransformer2DModel:
+    """A class-conditional DiT. Label `num_classes` is the "no class" label used for classifier-free guidance."""
+    patch_size = preset_patch_size(preset, patch_size)
     if patch_size <= 0 or sample_size % patch_size:
         raise UsageError(f"image size {sample_size} is not divisible by the patch size {patch_size}")
     if num_classes < 1:
         raise UsageError(f"a class-conditional expert needs at least one class, got {num_classes}")
+    dims = {k: v for k, v in DIT_PRESETS[preset].items() if k != "patch_size"}
     return DiTTransformer2DModel(
-        **DIT_PRESETS[preset],
+        **dims,
         in_channels=in_channels,
         out_channels=in_channels,  # plain velocity prediction, no learned variance
         sample_size=sample_size,
@@ -49,6 +67,20 @@ def build_dit(preset: str, sample_size: int, in_channels: int, num_classes: int,
         num_embeds_ada_norm=num_classes,
         norm_num_groups=1,
     )
+
+
+def forward_flops(model: DiTTransformer2DModel, sample_shape: tuple[int, ...]) -> int:
+    """FLOPs (2 per multiply-add; the DiT paper's "Gflops" count multiply-adds, half of this) of one sample's
+    forward, counted by torch's FlopCounterMode on a meta-device twin, so no memory or time goes to real weights."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        meta = type(model).from_config(model.config)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        meta(torch.zeros(1, *sample_shape, device="meta"), timestep=torch.zeros(1, device="meta"),
+             class_labels=torch.zeros(1, dtype=torch.long, device="meta"))
+    return counter.get_total_flops()
 
 
 def read_expert_meta(path: str | Path) -> dict:

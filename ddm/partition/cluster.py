@@ -25,10 +25,10 @@ FINE_CLUSTERS = 1024
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="digits", help="'digits' (embedded) or an image folder")
+    p.add_argument("--data", default="digits", help="'digits' (embedded), a latent directory (ddm encode) or an image folder")
     p.add_argument("--k", type=int, required=True, help="number of islands")
     p.add_argument("--out", required=True, help="manifest folder: new, empty, or a manifest ddm wrote (replaced)")
-    p.add_argument("--features", default="pixels-pca", help="extractor name (pixels-pca, pixels) or a local transformers checkpoint")
+    p.add_argument("--features", default="pixels-pca", help="extractor name (pixels-pca, pixels, latents-pca) or a local transformers checkpoint (DINOv2, CLIP)")
     p.add_argument("--image-size", type=int, default=None, help="resize + center-crop size for an image folder")
     method = p.add_mutually_exclusive_group()
     method.add_argument("--balanced", action="store_true", help="roughly equal island sizes (fine-to-coarse k-means)")
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             assignments=torch.from_numpy(np.asarray(assignments, np.int64)),
             centroids=torch.from_numpy(island_centroids(features, assignments, args.k)),
             image_size=args.image_size,
-            extra={"feature_dim": int(features.shape[1])},
+            extra={"feature_dim": int(features.shape[1]), **({"vae": dataset.vae} if hasattr(dataset, "vae") else {})},
         )
         if min(manifest.sizes) == 0:
             print(f"warning: {manifest.sizes.count(0)} of {args.k} islands are empty")

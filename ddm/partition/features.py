@@ -9,6 +9,10 @@
 - `pixels`: the raw pixels, standardized.
 - a checkpoint path: the model's pooled image feature (`get_image_features` for CLIP-style models, else
   `pooler_output`, else the CLS token of `last_hidden_state`), as in the DDM paper's DINOv2 features.
+- `latents-pca`: for a latent cache, its latent means standardized and projected on 32 principal components
+  (fitted on at most 20,000 seeded samples, then applied in batches, so ImageNet-size caches fit in memory).
+On a latent cache, `pixels`, `pixels-pca` and checkpoints read the source images the latents were encoded from
+(mirrored where the cache holds a mirror image).
 """
 from __future__ import annotations
 
@@ -51,12 +55,27 @@ def pixels_pca(dataset) -> np.ndarray:
     return PCA(n_components=dim, svd_solver="full").fit_transform(x).astype(np.float32)
 
 
+def latents_pca(dataset, fit_samples: int = 20_000, batch_size: int = 4096) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    if not hasattr(dataset, "rows"):
+        raise UsageError(f"--features latents-pca needs a latent directory as --data, got {dataset.name}")
+    n = len(dataset)
+    fit = np.sort(np.random.default_rng(0).permutation(n)[: min(n, fit_samples)])
+    x = dataset.rows(fit)[0].flatten(1).double().numpy()
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    pca = PCA(n_components=min(PCA_DIM, *x.shape), svd_solver="full").fit((x - mean) / std)
+    chunks = [pca.transform((dataset.rows(np.arange(s, min(s + batch_size, n)))[0].flatten(1).double().numpy() - mean) / std)
+              for s in range(0, n, batch_size)]
+    return np.concatenate(chunks).astype(np.float32)
+
+
 def clip_params(dataset) -> np.ndarray:
     """Moving-digit clips: digit histogram, motion, start position (MovingDigitsDataset.features)."""
     return dataset.features().numpy()
 
 
-EXTRACTORS: dict[str, Callable] = {"pixels-pca": pixels_pca, "pixels": pixels, "clip-params": clip_params}
+EXTRACTORS: dict[str, Callable] = {"pixels-pca": pixels_pca, "pixels": pixels, "clip-params": clip_params, "latents-pca": latents_pca}
 
 
 def _checkpoint_id(path: Path, model_type: str) -> str:
@@ -124,6 +143,10 @@ def check_supported(spec: str, dataset) -> None:
 
 def extract_features(spec: str, dataset) -> tuple[np.ndarray, str]:
     check_spec(spec)
+    if spec == "latents-pca":
+        return latents_pca(dataset), spec
+    if hasattr(dataset, "source_images"):  # a latent cache: pixel features come from its images
+        dataset = dataset.source_images()
     if spec in EXTRACTORS:
         return EXTRACTORS[spec](dataset), spec
     return pretrained_features(Path(spec), dataset)

@@ -2,7 +2,8 @@
 
 Layout (inside the expert directory, beside the sampling view written by `ddm.models.experts.write_expert`):
   state/state.json               step, samples seen (the data position), wall time, the run's config,
-                                 optimizer hyper-parameters, grad-scaler and Python/NumPy RNG scalars
+                                 optimizer hyper-parameters, learning-rate scheduler state, grad-scaler and
+                                 Python/NumPy RNG scalars
   state/model.safetensors        raw weights of the whole trainable network
   state/ema.safetensors          fp32 EMA weights
   state/optimizer.safetensors    per-parameter optimizer tensors (AdamW moments and step counts)
@@ -11,6 +12,10 @@ Layout (inside the expert directory, beside the sampling view written by `ddm.mo
 The directory is written under a staging name and renamed into place, so a SIGKILL at any moment leaves the
 previous state whole. `atomic_replace_dir` may leave only `state.old` if killed between its two renames;
 `load_state` falls back to it.
+
+Weights and optimizer state are always full (unsharded), whatever the run's sharding (ddm/training/sharding.py),
+so a state resumes on another number of processes: the data order and the noise are functions of the step and the
+global batch only (ddm/data/stream.py), and `LAYOUT_KEYS` are the config entries that may change on resume.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from ddm.io import atomic_save_tensors, atomic_write_json, replaced_dir, replaci
 
 STATE_FORMAT = "ddm-train-state/1"
 STATE_DIR = "state"
+LAYOUT_KEYS = ("world_size", "grad_accum", "sharded")  # how a global batch is computed, not what it is
 
 
 def capture_rng() -> dict:
@@ -82,6 +88,7 @@ def save_state(
     optimizer_state: dict,
     rank_rngs: list[dict],
     scaler_state: dict | None,
+    scheduler_state: dict,
 ) -> None:
     """Write out/state atomically (staging dir inside `out`, then rename), with the SHA-256 of every file."""
     with replacing_dir(Path(out) / STATE_DIR, "train-state", check_owner=False) as staging:  # out is claimed
@@ -103,6 +110,7 @@ def save_state(
                 "config": config,
                 "optimizer": opt_meta,
                 "scaler": scaler_state,
+                "scheduler": scheduler_state,
                 "rng": [{k: v for k, v in rng.items() if not torch.is_tensor(v)} for rng in rank_rngs],
             },
         )
@@ -131,15 +139,18 @@ def read_state_meta(path: Path) -> dict:
 
 
 def load_state(path: Path, rank: int) -> dict:
-    """The tensors and scalars `save_state` wrote; `rng` is this rank's. Every file is checked against the
-    SHA-256 recorded when it was saved, and any damage is a UsageError naming the file."""
+    """The tensors and scalars `save_state` wrote; `rng` is this rank's (None for a rank the saved run did not have:
+    the trainer's own draws do not depend on it). Every file is checked against the SHA-256 recorded when it was
+    saved, and any damage is a UsageError naming the file."""
     meta = read_state_meta(path)
     verify_owned(path, "training state")
     try:
         tensors = {name: load_file(path / f"{name}.safetensors") for name in ("model", "ema", "optimizer", "rng")}
-        prefix = f"rank{rank}."
-        rng = {k[len(prefix):]: v for k, v in tensors["rng"].items() if k.startswith(prefix)}
-        rng.update(meta["rng"][rank])
+        rng = None
+        if rank < len(meta["rng"]):
+            prefix = f"rank{rank}."
+            rng = {k[len(prefix):]: v for k, v in tensors["rng"].items() if k.startswith(prefix)}
+            rng.update(meta["rng"][rank])
         optimizer = _join_optimizer(tensors["optimizer"], meta["optimizer"])
     except (OSError, SafetensorError, KeyError, IndexError, TypeError, ValueError) as e:
         raise UsageError(f"corrupt training state {path}: {type(e).__name__}: {e}") from None
@@ -147,7 +158,7 @@ def load_state(path: Path, rank: int) -> dict:
 
 
 def config_difference(saved: dict, current: dict) -> list[str]:
-    keys = sorted(set(saved) | set(current))
+    keys = sorted((set(saved) | set(current)) - set(LAYOUT_KEYS))
     return [f"{k}={saved.get(k)!r} (checkpoint) vs {current.get(k)!r} (now)" for k in keys if saved.get(k) != current.get(k)]
 
 

@@ -17,8 +17,13 @@ Contract (all tensors on the trainer's device unless said otherwise):
   the diffusers model written at the top of the expert directory; any other trainable submodule (e.g. a
   prompt encoder) is saved by `save_extras`. Built from the global torch RNG, which the trainer seeds.
 - `dataset(indices)`: a torch Dataset over those sample indices (of the manifest's data set); the default
-  collate of its items is what `training_pair` receives.
-- `training_pair(batch, device)`: (x0, cond) for one micro-batch; `cond` is a tensor with batch first.
+  collate of its items is what `training_pair` receives. A data set with `returns_batches = True` returns a
+  whole batch from `__getitems__` (the trainer then collates nothing); any other is taken to decode per item and
+  gets loader worker processes by default on a GPU.
+- `training_pair(batch, device, sample_normal)`: (x0, cond) for one micro-batch; `cond` is a tensor with batch
+  first. `sample_normal(shape)` gives this micro-batch's rows of a standard normal draw for the whole global batch
+  (seeded by the step, the same whatever the process count): for any sampling the modality does (e.g. a latent
+  drawn from its stored mean and std).
 - `drop_condition(cond, drop)`: `cond` with the samples where the bool mask `drop` is True replaced by the
   null condition that classifier-free guidance uses. The trainer draws `drop` from its own seeded generator;
   the network must not drop conditions by itself.
@@ -67,7 +72,7 @@ class Modality:
     def dataset(self, indices: torch.Tensor) -> Dataset:
         raise NotImplementedError
 
-    def training_pair(self, batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_pair(self, batch, device, sample_normal) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def drop_condition(self, cond: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
@@ -92,7 +97,9 @@ class ClassConditionedDiT(nn.Module):
 
 
 class TensorSubset(Dataset):
-    """Items of an in-memory data set (images and labels as tensors): indexing is a tensor slice, no decoding."""
+    """Items of an in-memory data set (images and labels as tensors): a batch is one tensor gather, no decoding."""
+
+    returns_batches = True
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor):
         self.images, self.labels, self.indices = images, labels, indices
@@ -104,22 +111,36 @@ class TensorSubset(Dataset):
         j = self.indices[i]
         return self.images[j], self.labels[j]
 
+    def __getitems__(self, positions: list[int]):
+        j = self.indices[positions]
+        return self.images[j], self.labels[j]
+
 
 class ImageModality(Modality):
-    """Class-conditional images (digits or an image folder) with a diffusers DiTTransformer2DModel."""
+    """Class-conditional images (digits, an image folder, or a latent cache of one) with a diffusers
+    DiTTransformer2DModel. On a latent cache the samples are latents drawn from the stored mean and std."""
 
     name = "image"
 
     @classmethod
     def add_arguments(cls, parser):
-        parser.add_argument("--patch-size", type=int, default=2, help="DiT patch size (image size must divide by it)")
+        parser.add_argument("--patch-size", type=int, default=None,
+                            help="DiT patch size (the sample size must divide by it; default: the preset's, e.g. DiT-B/4: 4, else 2)")
 
     def __init__(self, manifest, args):
+        from ddm.models.experts import preset_patch_size
+
         self.data = manifest.load_dataset()
-        self.image_size = self.data.image_size
+        self.image_size = self.data.image_size  # of the model's samples: the latent size on a latent cache
         self.channels = self.data.channels
-        self.patch_size = args.patch_size
+        self.vae = getattr(self.data, "vae", None)
+        self.patch_size = preset_patch_size(args.preset, args.patch_size)
         if self.patch_size <= 0 or self.image_size % self.patch_size:
+            if self.vae is not None:
+                raise UsageError(
+                    f"latent size {self.image_size} (image size {self.data.pixel_size} / VAE downsampling {self.vae['downsample']}) "
+                    f"is not divisible by the patch size {self.patch_size}"
+                )
             raise UsageError(f"image size {self.image_size} is not divisible by the patch size {self.patch_size}")
         # Unlabelled folders train with one class that is always the same: the model is then unconditional
         # apart from the null label, and CFG degenerates gracefully.
@@ -132,6 +153,7 @@ class ImageModality(Modality):
             "channels": self.channels,
             "patch_size": self.patch_size,
             "num_classes": self.num_classes,
+            **({"vae_hash": self.vae["hash"]} if self.vae is not None else {}),
         }
 
     def build(self, preset):
@@ -144,17 +166,27 @@ class ImageModality(Modality):
         return ClassConditionedDiT(dit)
 
     def dataset(self, indices):
+        if hasattr(self.data, "subset"):
+            return self.data.subset(indices)
         if hasattr(self.data, "images"):
             return TensorSubset(self.data.images, self.data.labels, indices)
         return torch.utils.data.Subset(self.data, indices.tolist())
 
-    def training_pair(self, batch, device):
-        x0, labels = batch[0], batch[1]
-        labels = torch.as_tensor(labels).clamp_min(0)  # unlabelled (-1) -> class 0
-        return x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    def training_pair(self, batch, device, sample_normal):
+        if self.vae is not None:  # (mean, std, labels): a fresh draw from the encoder's distribution
+            mean, std, labels = batch
+            mean, std = mean.to(device, non_blocking=True).float(), std.to(device, non_blocking=True).float()
+            x0 = mean + std * sample_normal(mean.shape[1:])
+        else:
+            x0, labels = batch[0].to(device, non_blocking=True), batch[1]
+        labels = torch.as_tensor(labels).to(device, non_blocking=True).clamp_min(0)  # unlabelled (-1) -> class 0
+        return x0, labels
 
     def drop_condition(self, cond, drop):
         return torch.where(drop, self.num_classes, cond)
 
     def expert_meta(self):
-        return {"num_classes": self.num_classes, "image_size": self.image_size, "channels": self.channels}
+        meta = {"num_classes": self.num_classes, "image_size": self.image_size, "channels": self.channels}
+        if self.vae is not None:  # samplers decode with it; the path is the one given to `ddm encode`
+            meta.update(vae=self.vae, pixel_size=self.data.pixel_size)
+        return meta

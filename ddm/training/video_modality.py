@@ -117,7 +117,7 @@ class VideoModality(Modality):
     def dataset(self, indices):
         return PromptIds(self.data, indices, self.vocabulary)
 
-    def training_pair(self, batch, device):
+    def training_pair(self, batch, device, sample_normal):
         clips, ids = batch[0], batch[1]
         return clips.to(device, non_blocking=True), ids.to(device, non_blocking=True)
 
