@@ -10,6 +10,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ddm import UsageError
+from router.strategies import DEFAULT_GUIDANCE_ROUTING, check_guidance_routing
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -30,7 +31,10 @@ class DDMPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        guidance_routing: str = DEFAULT_GUIDANCE_ROUTING,
     ):
+        """`guidance_routing` (an ensemble with CFG): "conditional" routes a sample's null-label row with its
+        conditional row's weights, so guidance contrasts one expert's two velocities; "per-row" routes each row alone."""
         cfg = self.transformer.config
         num_classes = cfg.num_embeds_ada_norm
         labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
@@ -39,6 +43,7 @@ class DDMPipeline(DiffusionPipeline):
             raise UsageError(f"class labels must be in 0..{num_classes - 1}, got {bad.tolist() or 'none'}")
         if output_type not in OUTPUT_TYPES:
             raise UsageError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        check_guidance_routing(guidance_routing)
         if num_inference_steps < 1:
             raise UsageError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         device, dtype = self._execution_device, self.transformer.dtype
@@ -46,10 +51,10 @@ class DDMPipeline(DiffusionPipeline):
         latents = randn_tensor(
             (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator, device=device, dtype=dtype
         )
-        reset_routing = getattr(self.transformer, "reset_routing", None)  # only an ensemble records routing
-        if reset_routing is not None:
-            reset_routing(generator)
         use_cfg = guidance_scale != 1.0
+        reset_routing = getattr(self.transformer, "reset_routing", None)  # only an ensemble routes
+        if reset_routing is not None:
+            reset_routing(generator, guidance_pairs=batch if use_cfg and guidance_routing == "conditional" else 0)
         labels = labels.to(device)
         if use_cfg:  # cond rows first, then the null-label rows
             labels = torch.cat([labels, torch.full_like(labels, num_classes)])
