@@ -20,6 +20,7 @@ from torch import nn
 
 from ddm import UsageError
 from ddm.io import atomic_write_json
+from router.strategies import DEFAULT_GUIDANCE_ROUTING, GUIDANCE_ROUTING, SPECS, check_guidance_routing
 
 
 class ImageFeatures(nn.Module):
@@ -126,7 +127,8 @@ def evaluate_samples(images01, labels, reference01, features: ImageFeatures, cla
     return result
 
 
-def generate(model_dir, n: int, strategy: str | None, steps: int, cfg: float, seed: int, batch_size: int = 256):
+def generate(model_dir, n: int, strategy: str | None, steps: int, cfg: float, seed: int, batch_size: int = 256,
+             guidance_routing: str = DEFAULT_GUIDANCE_ROUTING, device_map=None):
     """n samples in [0, 1] from an ensemble directory or one expert directory (e.g. the monolith), classes
     cycling 0..C-1, and their labels. The same seed gives the same initial noise for either kind of model."""
     from router.pipeline import make_pipeline
@@ -134,19 +136,20 @@ def generate(model_dir, n: int, strategy: str | None, steps: int, cfg: float, se
     if (Path(model_dir) / "expert.json").is_file():
         from ddm.models.experts import load_expert
 
-        if strategy:
-            raise UsageError(f"--strategy {strategy} needs an ensemble; {model_dir} is a single expert")
+        if strategy or device_map:
+            raise UsageError(f"--strategy / --expert-devices need an ensemble; {model_dir} is a single expert")
         model, meta = load_expert(model_dir)
         num_classes, shift = meta["num_classes"], meta["flow"]["shift"]
     else:
         from router.ensemble import DDMEnsemble
 
-        model = DDMEnsemble.from_pretrained(model_dir, strategy=strategy)
+        model = DDMEnsemble.from_pretrained(model_dir, strategy=strategy, device_map=device_map)
         num_classes, shift = model.config.num_embeds_ada_norm, model.metas[0]["flow"]["shift"]
     pipe = make_pipeline(model, shift)
     labels = torch.arange(n) % num_classes
     gen = torch.Generator().manual_seed(seed)
-    images = [pipe(chunk, steps, cfg, gen, output_type="pt").images for chunk in labels.split(batch_size)]
+    images = [pipe(chunk, steps, cfg, gen, output_type="pt", guidance_routing=guidance_routing).images.cpu()
+              for chunk in labels.split(batch_size)]
     return torch.cat(images), labels
 
 
@@ -155,7 +158,10 @@ def add_arguments(p) -> None:
     src.add_argument("--samples", help="a .safetensors from `ddm sample`, or a folder of images (sub-folders = classes)")
     src.add_argument("--ensemble", help="an ensemble directory, or one expert directory (e.g. the monolith), to sample from")
     p.add_argument("--n", type=int, default=1000, help="samples to generate with --ensemble")
-    p.add_argument("--strategy", default=None, help="override the ensemble's routing strategy")
+    p.add_argument("--strategy", default=None, help=f"override the ensemble's routing strategy: {SPECS}")
+    p.add_argument("--guidance-routing", default=DEFAULT_GUIDANCE_ROUTING,
+                   help=f"{' | '.join(GUIDANCE_ROUTING)}: how a guided sample's null-label row is routed (see ddm sample)")
+    p.add_argument("--expert-devices", default=None, help="experts on several devices, as in ddm sample")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
@@ -170,6 +176,7 @@ def run(args) -> int:
     real_data = args.data != "digits"
     if real_data and not (args.feature_model and args.reference):
         raise UsageError(f"--data {args.data}: real data needs --feature-model PATH and --reference DIR (no downloads)")
+    check_guidance_routing(args.guidance_routing)
     if args.ensemble and args.n < 2:
         raise UsageError(f"--n must be >= 2 for FID, got {args.n}")
     if real_data:
@@ -187,7 +194,8 @@ def run(args) -> int:
     if args.samples:
         images, labels = load_samples(args.samples, channels, args.image_size or reference.shape[-1])
     else:
-        images, labels = generate(args.ensemble, args.n, args.strategy, args.steps, args.cfg, args.seed)
+        images, labels = generate(args.ensemble, args.n, args.strategy, args.steps, args.cfg, args.seed,
+                                  guidance_routing=args.guidance_routing, device_map=args.expert_devices)
     if images.shape[1:] != reference.shape[1:]:
         raise UsageError(f"samples are {tuple(images.shape[1:])}, the reference set is {tuple(reference.shape[1:])}")
     result = evaluate_samples(images, labels, reference, features, classifier, num_classes)

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -103,10 +102,10 @@ def parse_device_map(device_map, islands: list[int]) -> dict[int, torch.device]:
         named = {i: check_device(d) for i, d in device_map.items()}
         first = named[min(named)] if named else torch.device("cpu")
         return {i: named.get(i, first) for i in islands}
-    device_map = list(device_map)
-    if len(device_map) != len(islands):
-        raise UsageError(f"device map lists {len(device_map)} device(s) for {len(islands)} experts (islands {islands})")
-    return {i: check_device(d) for i, d in zip(sorted(islands), device_map)}
+    devices = [check_device(d) for d in device_map]
+    if len(devices) != len(islands):
+        raise UsageError(f"device map lists {len(devices)} device(s) for {len(islands)} experts (islands {islands})")
+    return dict(zip(sorted(islands), devices))
 
 
 def grouped_is_fast(device: torch.device, dtype: torch.dtype) -> bool:
@@ -275,7 +274,7 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
         expert = slots.reshape(-1)
         order = expert.argsort(stable=True)
         rows = order // m
-        counts = F.one_hot(expert, present).sum(0)
+        counts = (expert[:, None] == torch.arange(present, device=expert.device)).sum(0)  # not one_hot: it checks the range on the host
         labels = None if class_labels is None else class_labels[rows]
         kwargs = {} if cross_attention_kwargs is None else {"cross_attention_kwargs": cross_attention_kwargs}
         v = grouped(hidden_states[rows], timestep[rows], labels, expert[order], counts, **kwargs)

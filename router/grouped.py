@@ -78,7 +78,11 @@ def is_patch_conv(m: nn.Conv2d) -> bool:
 def groupable(experts: list[nn.Module]) -> bool:
     """Same class and config, one device and dtype, and weights only in Linear / Embedding / patch Conv2d layers."""
     first = experts[0]
-    if any(type(e) is not type(first) or dict(getattr(e, "config", {})) != dict(getattr(first, "config", {})) for e in experts):
+
+    def config(model):  # without diffusers' bookkeeping keys (`_name_or_path` differs per directory)
+        return {k: v for k, v in dict(getattr(model, "config", {})).items() if not k.startswith("_")}
+
+    if any(type(e) is not type(first) or config(e) != config(first) for e in experts):
         return False
     if len({(p.device, p.dtype) for e in experts for p in e.parameters()}) != 1:
         return False

@@ -3,7 +3,8 @@
 Writes OUT (PNG grid), OUT with .json (routing: per sample the expert used at every step, per step the mean
 weights and the number of samples per expert) and OUT with .safetensors (images in [0, 1] + class labels,
 readable by `ddm eval --samples`); `--save-ensemble DIR` also writes the ensemble directory. With CFG the
-routing is reported for the conditional rows; the null-label rows are routed on their own (`experts_uncond`).
+routing is reported for the conditional rows and for the null-label rows (`experts_uncond`), which follow the
+conditional rows under `--guidance-routing conditional` (the default) and are routed alone under `per-row`.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from ddm import UsageError
 from ddm.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json
-from router.strategies import DEFAULT_STRATEGY
+from router.strategies import DEFAULT_GUIDANCE_ROUTING, DEFAULT_STRATEGY, GUIDANCE_ROUTING, SPECS, check_guidance_routing
 
 
 def image_grid(images01: torch.Tensor, scale: int = 1) -> bytes:
@@ -69,15 +70,20 @@ def load_ensemble(args):
     from router.ensemble import DDMEnsemble
 
     if args.ensemble:
-        return DDMEnsemble.from_pretrained(args.ensemble, strategy=args.strategy)
-    return DDMEnsemble.from_dirs(args.router, args.experts, args.strategy or DEFAULT_STRATEGY)
+        return DDMEnsemble.from_pretrained(args.ensemble, strategy=args.strategy, device_map=args.expert_devices)
+    return DDMEnsemble.from_dirs(args.router, args.experts, args.strategy or DEFAULT_STRATEGY, device_map=args.expert_devices)
 
 
 def add_arguments(p) -> None:
     p.add_argument("--ensemble", help="an ensemble directory (saved by DDMEnsemble.save_pretrained)")
     p.add_argument("--router", help="router directory (with --experts)")
     p.add_argument("--experts", nargs="+", help="expert directories: any subset of the islands")
-    p.add_argument("--strategy", default=None, help=f"full | top1 | topk:K | threshold:TAU | sample:K (default {DEFAULT_STRATEGY})")
+    p.add_argument("--strategy", default=None, help=f"{SPECS} (default {DEFAULT_STRATEGY}); see docs/ddm.md")
+    p.add_argument("--guidance-routing", default=DEFAULT_GUIDANCE_ROUTING,
+                   help=f"{' | '.join(GUIDANCE_ROUTING)} (default {DEFAULT_GUIDANCE_ROUTING}): with CFG: the null-label row follows its conditional row's routing, or each row is routed alone")
+    p.add_argument("--expert-devices", default=None,
+                   help="put experts on several devices: cuda:0,cuda:1,... (one per expert, island order) or 0=cuda:0,2=cuda:1; "
+                        "the router goes on the first")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--classes", type=int, nargs="+", help="class labels, cycled to n (default 0..C-1 cycled)")
     p.add_argument("--steps", type=int, default=50)
@@ -98,6 +104,7 @@ def run(args) -> int:
         raise UsageError("give either --ensemble DIR or --router DIR --experts DIR...")
     if args.router and not args.experts or args.experts and not args.router:
         raise UsageError("--router and --experts go together")
+    check_guidance_routing(args.guidance_routing)
     for name in ("n", "steps", "scale"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -106,9 +113,11 @@ def run(args) -> int:
     classes = torch.tensor(args.classes if args.classes else list(range(num_classes)))
     labels = classes.repeat(math.ceil(args.n / len(classes)))[: args.n]
     pipe = make_pipeline(ensemble, ensemble.metas[0]["flow"]["shift"])
-    images = pipe(labels, args.steps, args.cfg, torch.Generator().manual_seed(args.seed), output_type="pt").images
-    stats = routing_statistics(ensemble.routing_weights, labels, pipe.scheduler.sigmas[:-1], args.cfg != 1.0)
-    stats.update(strategy=str(ensemble.strategy), islands_present=ensemble.islands, seed=args.seed, cfg=args.cfg)
+    images = pipe(labels, args.steps, args.cfg, torch.Generator().manual_seed(args.seed), output_type="pt",
+                  guidance_routing=args.guidance_routing).images.cpu()
+    stats = routing_statistics([w.cpu() for w in ensemble.routing_weights], labels, pipe.scheduler.sigmas[:-1], args.cfg != 1.0)
+    stats.update(strategy=str(ensemble.strategy), islands_present=ensemble.islands, seed=args.seed, cfg=args.cfg,
+                 guidance_routing=args.guidance_routing)
     atomic_write_bytes(out, image_grid(images, args.scale))
     atomic_write_json(out.with_suffix(".json"), stats)
     atomic_save_tensors(out.with_suffix(".safetensors"), {"images": images, "labels": labels})
