@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,11 +25,19 @@ class RowGroups:
     ends: torch.Tensor  # (K,) int64, ends[k] = rows routed to experts 0..k
 
 
+ALIGN = 8  # the sync-free CUDA kernel needs 16-byte aligned rows: a multiple of 8 bf16 values
+
+
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, groups: RowGroups) -> torch.Tensor:
     """x (R * per, in) with rows grouped by expert, per = rows per sample; weight (K, out, in) -> (R * per, out)."""
     per = x.shape[0] // groups.expert.shape[0]
     offs = (groups.ends * per).to(torch.int32)
-    return torch._grouped_mm(x, weight.transpose(1, 2), offs=offs)
+    out_features, in_features = weight.shape[1:]
+    pad_in, pad_out = -in_features % ALIGN, -out_features % ALIGN
+    if pad_in or pad_out:  # narrow layers only (a patch of few channels, the output projection): small copies
+        x, weight = F.pad(x, (0, pad_in)), F.pad(weight, (0, pad_in, 0, pad_out))
+    y = torch._grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=offs)
+    return y[:, :out_features] if pad_out else y
 
 
 class GroupedLinear(nn.Module):
@@ -38,10 +47,10 @@ class GroupedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        y = grouped_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.groups).view(rows, -1, self.weight.shape[1])
+        y = grouped_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.groups).reshape(rows, -1, self.weight.shape[1])
         if self.bias is not None:
             y = y + self.bias[self.groups.expert][:, None]
-        return y.view(*x.shape[:-1], -1)
+        return y.reshape(*x.shape[:-1], -1)
 
 
 class GroupedEmbedding(nn.Module):
@@ -63,11 +72,11 @@ class GroupedPatchConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         p = self.patch
-        patches = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, c * p * p)
-        y = grouped_matmul(patches, self.weight, self.groups).view(b, -1, self.weight.shape[1])
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, c * p * p)
+        y = grouped_matmul(patches, self.weight, self.groups).reshape(b, -1, self.weight.shape[1])
         if self.bias is not None:
             y = y + self.bias[self.groups.expert][:, None]
-        return y.view(b, h // p, w // p, -1).permute(0, 3, 1, 2)
+        return y.reshape(b, h // p, w // p, -1).permute(0, 3, 1, 2)
 
 
 def is_patch_conv(m: nn.Conv2d) -> bool:
@@ -113,6 +122,10 @@ class GroupedExperts:
     """Not an nn.Module on purpose: the ensemble's state dict, `.to()` and saving see only the experts."""
 
     def __init__(self, experts: list[nn.Module]):
+        with torch.inference_mode(False), torch.no_grad():  # the experts' weights must stay ordinary tensors
+            self.build(experts)
+
+    def build(self, experts: list[nn.Module]) -> None:
         self.groups = RowGroups()
         self.model = copy.deepcopy(experts[0])
         self.views: list[tuple[nn.Parameter, int]] = []  # (expert parameter, the data_ptr it must keep)

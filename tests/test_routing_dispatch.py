@@ -144,3 +144,16 @@ def test_ddm_sample_expert_devices(dirs, tmp_path, capsys):
     assert ddm_main(base + ["--expert-devices", "0=cpu,3=cuda:0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "island 3" in err and "\n" not in err
+
+
+def test_grouped_sampling_keeps_the_experts_ordinary_tensors(dirs):
+    """The pipeline runs under inference_mode; the stacks built there must not turn the experts' weights into
+    inference tensors (which could then no longer be trained or saved for backward)."""
+    from router.pipeline import make_pipeline
+
+    ens = DDMEnsemble.from_dirs(*dirs, "trajectory:0.5:top1", dispatch="grouped")
+    gather = DDMEnsemble.from_dirs(*dirs, "trajectory:0.5:top1", dispatch="gather")
+    run = lambda e: make_pipeline(e)([1, 2, 3], 4, 1.5, torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(run(ens), run(gather), rtol=1e-4, atol=1e-5)
+    assert ens.grouped is not None
+    assert not any(p.is_inference() for p in ens.experts.parameters())
