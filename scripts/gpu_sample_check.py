@@ -160,12 +160,14 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny experts, small batches")
+    p.add_argument("--tiny", action="store_true", help="on the CPU: tiny experts and small batches unless told otherwise")
+    p.add_argument("--preset", default=None, help="expert preset (default small; --tiny: tiny), e.g. --tiny --preset small on a CPU")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="rows per step (default 256 2048; --tiny: 8 32)")
     p.add_argument("--repeats", type=int, default=None, help="calls per round (default 10; --tiny: 1)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds, median taken (default 5; --tiny: 2)")
     p.add_argument("--out", default=None, help="results JSON (default docs/benchmarks/gpu_sample.json; --tiny: not written)")
-    p.add_argument("--fragment", default=None, help="markdown file whose gpu-sample section is replaced (default docs/BENCHMARKS.md)")
+    p.add_argument("--fragment", default=None, help="markdown file whose gpu-sample (CPU: cpu-step) section is replaced "
+                                                    "(default docs/BENCHMARKS.md; --tiny: none)")
     args = p.parse_args(argv)
     from diffusers.utils import logging
 
@@ -183,12 +185,12 @@ def run(args) -> int:
     from evaluation.report import update_fragment
 
     if args.tiny:
-        device, dtype, configs = torch.device("cpu"), torch.float32, [("tiny", 8, 1)]
+        device, dtype, configs = torch.device("cpu"), torch.float32, [(args.preset or "tiny", 8, 1)]
         batches, repeats, rounds = args.batches or [8, 32], args.repeats or 1, args.rounds or 2
     else:
         if not torch.cuda.is_available():
             raise UsageError("no CUDA device: run with --tiny for the CPU smoke run")
-        device, dtype, configs = torch.device("cuda"), torch.bfloat16, [("small", 8, 1)]
+        device, dtype, configs = torch.device("cuda"), torch.bfloat16, [(args.preset or "small", 8, 1)]
         if "DiT-B/2" in DIT_PRESETS:  # the paper's DiT-B/2 on 32x32x4 latents, where the latent presets exist
             configs.append(("DiT-B/2", 32, 4))
         batches, repeats, rounds = args.batches or [256, 2048], args.repeats or 10, args.rounds or 5
@@ -198,7 +200,9 @@ def run(args) -> int:
     rows = [r for preset, size, channels in configs for batch in batches
             for r in check(preset, size, channels, batch, device, dtype, repeats, rounds)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    command = "python scripts/gpu_sample_check.py" + (" --tiny" if args.tiny else "")
+    command = "python scripts/gpu_sample_check.py" + "".join(
+        f" --{k}" + ("" if v is True else " " + " ".join(map(str, v if isinstance(v, list) else [v])))
+        for k, v in vars(args).items() if v not in (None, False) and k not in ("out", "fragment"))
     result = {"command": command, "date": datetime.date.today().isoformat(), "device": name, "dtype": str(dtype).split(".")[-1],
               "repeats": repeats, "rounds": rounds, "wall_seconds": time.perf_counter() - start, "results": rows}
     text = markdown(result)
@@ -208,7 +212,7 @@ def run(args) -> int:
         atomic_write_json(Path(out), result)
     fragment = args.fragment or (None if args.tiny else str(ROOT / "docs/BENCHMARKS.md"))
     if fragment:
-        update_fragment(Path(fragment), "gpu-sample", text)
+        update_fragment(Path(fragment), "gpu-sample" if device.type == "cuda" else "cpu-step", text)
     print(json.dumps({"wall_seconds": round(result["wall_seconds"], 1)}))
     return 0
 

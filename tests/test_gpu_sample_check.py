@@ -19,12 +19,13 @@ def test_tiny_run_times_every_configuration_and_checks_grouped_against_gather(tm
     rows = {r["config"]: r for r in result["results"]}
     expected = {"one expert", "full (vmap)"} | {f"{s} ({d})" for s in gpu_sample_check.STRATEGIES for d in ("gather", "grouped")}
     assert set(rows) == expected and all(r["batch"] == 6 for r in rows.values())
+    assert result["command"] == "python scripts/gpu_sample_check.py --tiny --batches 6"
     assert rows["one expert"]["vs_one_expert"] == 1.0 and all(r["ms"] > 0 for r in rows.values())
     for name, r in rows.items():
         if name.endswith("(grouped)") or name == "full (vmap)":
             assert r["max_abs_diff_vs_gather"] < 1e-4, name
     text = fragment.read_text()
-    assert text.startswith("# Benchmarks\n\nkept") and "<!-- gpu-sample:start -->" in text and "| tiny | 1x8x8 | 6 | top1 (grouped) |" in text
+    assert text.startswith("# Benchmarks\n\nkept") and "<!-- cpu-step:start -->" in text and "| tiny | 1x8x8 | 6 | top1 (grouped) |" in text
 
 
 def test_bad_input_and_no_gpu(capsys):
