@@ -22,7 +22,7 @@ from app_actions import APP_DIR, MAX_IMAGES, MAX_SECONDS, MAX_STEPS, MAX_WORKERS
 
 # Small images (8×8 digits) stay crisp when the browser enlarges them.
 CSS = ".pixelated img, .pixelated video { image-rendering: pixelated; }"
-STRATEGIES = ["top1", "full", "topk:2", "threshold:0.1", "sample:1"]
+STRATEGIES = ["top1", "full", "topk:2", "threshold:0.1", "sample:1", "trajectory", "trajectory:0.5:top1"]
 CLASSES = ["random", *map(str, range(10))]
 
 

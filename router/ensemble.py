@@ -248,9 +248,8 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
 
     def grouped_experts(self) -> GroupedExperts | None:
         """The stacked experts when this step runs grouped, else None (gather)."""
-        per_row = self.strategy.experts_per_row(len(self.experts))
-        if self.dispatch == "gather" or per_row is None:  # threshold: a row's expert count is data-dependent
-            return None
+        if self.dispatch == "gather" or self.strategy.experts_per_row(len(self.experts)) is None:
+            return None  # threshold: a row's expert count depends on the weights, so its shapes cannot be fixed
         first = next(self.experts[0].parameters())
         if self.dispatch == "auto" and not grouped_is_fast(first.device, first.dtype):
             return None
@@ -274,7 +273,8 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
         expert = slots.reshape(-1)
         order = expert.argsort(stable=True)
         rows = order // m
-        counts = (expert[:, None] == torch.arange(present, device=expert.device)).sum(0)  # not one_hot: it checks the range on the host
+        # not F.one_hot: it checks the index range on the host
+        counts = (expert[:, None] == torch.arange(present, device=expert.device)).sum(0)
         labels = None if class_labels is None else class_labels[rows]
         kwargs = {} if cross_attention_kwargs is None else {"cross_attention_kwargs": cross_attention_kwargs}
         v = grouped(hidden_states[rows], timestep[rows], labels, expert[order], counts, **kwargs)

@@ -111,8 +111,8 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        a, b = torch.ones(4, 8, device=device, dtype=dtype), torch.ones(2, 8, 16, device=device, dtype=dtype)
-        out = torch._grouped_mm(a, b.transpose(1, 2).contiguous().transpose(1, 2), offs=torch.tensor([0, 4], device=device, dtype=torch.int32))
+        a, w = torch.ones(4, 8, device=device, dtype=dtype), torch.ones(2, 16, 8, device=device, dtype=dtype)
+        out = torch._grouped_mm(a, w.transpose(1, 2), offs=torch.tensor([0, 4], device=device, dtype=torch.int32))
         return bool((out == 8).all())  # once, when the grouped model is built; not inside a step
     except (RuntimeError, NotImplementedError):
         return False

@@ -80,7 +80,8 @@ def add_arguments(p) -> None:
     p.add_argument("--experts", nargs="+", help="expert directories: any subset of the islands")
     p.add_argument("--strategy", default=None, help=f"{SPECS} (default {DEFAULT_STRATEGY}); see docs/ddm.md")
     p.add_argument("--guidance-routing", default=DEFAULT_GUIDANCE_ROUTING,
-                   help=f"{' | '.join(GUIDANCE_ROUTING)} (default {DEFAULT_GUIDANCE_ROUTING}): with CFG: the null-label row follows its conditional row's routing, or each row is routed alone")
+                   help=f"{' | '.join(GUIDANCE_ROUTING)} (default {DEFAULT_GUIDANCE_ROUTING}): with CFG, the null-label row "
+                        "follows its conditional row's routing, or each row is routed alone")
     p.add_argument("--expert-devices", default=None,
                    help="put experts on several devices: cuda:0,cuda:1,... (one per expert, island order) or 0=cuda:0,2=cuda:1; "
                         "the router goes on the first")
