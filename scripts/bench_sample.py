@@ -54,10 +54,10 @@ def build(root: Path, preset: str, k: int):
     return models, ratio
 
 
-def time_per_image(pipe, labels, steps: int, cfg: float) -> float:
-    start = time.perf_counter()
+def time_per_image(pipe, labels, steps: int, cfg: float, clock=time.perf_counter) -> float:
+    start = clock()
     pipe(labels, steps, cfg, torch.Generator().manual_seed(0), output_type="pt")
-    return (time.perf_counter() - start) / len(labels)
+    return (clock() - start) / len(labels)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="1: on a shared machine, more threads time the contention, not the work")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: this process's CPU time (time.process_time), steadier than wall time on a loaded machine")
     p.add_argument("--json", default=str(ROOT / "docs/benchmarks/sample.json"))
     p.add_argument("--fragment", default=str(ROOT / "docs/BENCHMARKS.md"), help="markdown file whose bench-sample section is replaced")
     args = p.parse_args(argv)
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from router.pipeline import make_pipeline
 
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     labels = torch.arange(args.n) % 10
     with tempfile.TemporaryDirectory() as tmp:
         models, ratio = build(Path(tmp), args.preset, args.k)
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         times = {name: [] for name in pipes}
         for _ in range(args.repeats):
             for name, pipe in pipes.items():
-                times[name].append(time_per_image(pipe, labels, args.steps, args.cfg))
+                times[name].append(time_per_image(pipe, labels, args.steps, args.cfg, clock))
         runs = {name: torch.stack(m.routing_weights).gt(0).sum(-1).float().mean().item() if hasattr(m, "routing_weights") else 1.0
                 for name, m in models.items()}
     base = statistics.median(times["one expert"])
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(Path(args.json), result)
     lines = [
         f"### Sampling time per image, K={args.k} ({result['date']})", "",
-        f"Command: `{command}` on {result['machine']}. DiT `{args.preset}` experts on 8x8x1, router "
+        f"Command: `{command}` on {result['machine']}, {args.clock} clock. DiT `{args.preset}` experts on 8x8x1, router "
         f"{ratio:.1%} of an expert's forward FLOPs, {args.n} images per batch, {args.steps} Euler steps, CFG {args.cfg} "
         f"(2 rows per image), median of {args.repeats} interleaved rounds.", "",
         "| configuration | ms / image | x one expert | experts run per sample and step | target |", "|---|---|---|---|---|",
