@@ -12,7 +12,8 @@ the islands of the samples, as the router names them at sigma = 0.05, and the da
 averaged over classes); the experts run per sample and step. Ablation: a random partition at K=4.
 
     python scripts/reproduce_ddm.py            # full: ~25 min on 2 idle cores (timed pieces: 1000 steps at batch 64
-                                               # 39 s, at batch 8 14 s; 500 samples x 25 steps 4.4 s); writes
+                                               # 39 s, at batch 8 14 s; 500 samples x 25 steps 4.4 s); 71 min with
+                                               # --jobs 1 on the loaded shared machine; writes
                                                # docs/benchmarks/ddm_reproduce.json and docs/RESULTS.md
     python scripts/reproduce_ddm.py --quick    # tiny settings, < 5 min; writes under outputs/ unless told otherwise
 
