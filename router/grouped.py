@@ -98,7 +98,7 @@ def groupable(experts: list[nn.Module]) -> bool:
     for m in first.modules():
         if next(m.parameters(recurse=False), None) is None:
             continue
-        if isinstance(m, nn.Conv2d) and not is_patch_conv(m):
+        if isinstance(m, nn.Conv2d) and not is_patch_conv(m) or isinstance(m, nn.Embedding) and m.max_norm is not None:
             return False
         if not isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
             return False
