@@ -29,12 +29,13 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from app_actions import APP_DIR, MAX_IMAGES, MAX_SECONDS, MAX_STEPS, MAX_WORKERS, Actions, AllowedRoots
+from router.strategies import DEFAULT_STRATEGY
 
 MAX_FILE_SIZE = "1mb"  # Gradio's upload limit, should an upload route ever be turned back on
 
 # Small images (8×8 digits) stay crisp when the browser enlarges them.
 CSS = ".pixelated img, .pixelated video { image-rendering: pixelated; }"
-STRATEGIES = ["top1", "full", "topk:2", "threshold:0.1", "sample:1"]
+STRATEGIES = [DEFAULT_STRATEGY, "top1", "full", "topk:2", "threshold:0.1", "sample:1", "trajectory"]
 CLASSES = ["random", *map(str, range(10))]
 
 
@@ -56,7 +57,7 @@ def images_tab(actions: Actions, demo_dir: str) -> None:
         with gr.Row():
             with gr.Column(scale=1):
                 ensemble_dir = gr.Textbox(f"{demo_dir}/ensemble", label="Ensemble directory (router + experts)")
-                strategy = gr.Dropdown(STRATEGIES, value="top1", allow_custom_value=True, label="Routing strategy")
+                strategy = gr.Dropdown(STRATEGIES, value=DEFAULT_STRATEGY, allow_custom_value=True, label="Routing strategy")
                 image_class = gr.Dropdown(CLASSES, value="random", allow_custom_value=True, label="Class")
                 with gr.Row():
                     image_steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")

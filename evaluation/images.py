@@ -21,6 +21,7 @@ from torch import nn
 
 from ddm import UsageError
 from ddm.io import atomic_write_json
+from router.strategies import DEFAULT_GUIDANCE_ROUTING, GUIDANCE_ROUTING, SPECS, check_guidance_routing
 
 EVAL_FORMAT = "ddm-eval/1"  # in --out: marks the file as ours, so a re-run may replace it
 
@@ -133,16 +134,18 @@ def model_meta(model_dir) -> dict:
     return read_expert_meta(model_dir / spec["experts"][0])
 
 
-def generate(model_dir, n: int, strategy: str | None, steps: int, cfg: float, seed: int, batch_size: int = 256):
+def generate(model_dir, n: int, strategy: str | None, steps: int, cfg: float, seed: int, batch_size: int = 256,
+             guidance_routing: str = DEFAULT_GUIDANCE_ROUTING, device_map=None):
     """n samples in [0, 1] from a pipeline folder, an ensemble or one expert directory (e.g. the monolith), classes
     cycling 0..C-1, and their labels. The same seed gives the same initial noise for either kind of model.
     Latent-space experts decode with their VAE (load_pipeline attaches it)."""
     from router.pipeline import load_pipeline
 
-    pipe = load_pipeline(model_dir, strategy)
+    pipe = load_pipeline(model_dir, strategy, device_map=device_map)
     labels = torch.arange(n) % pipe.transformer.config.num_embeds_ada_norm
     gen = torch.Generator().manual_seed(seed)
-    images = [pipe(chunk, steps, cfg, gen, output_type="pt").images for chunk in labels.split(batch_size)]
+    images = [pipe(chunk, steps, cfg, gen, output_type="pt", guidance_routing=guidance_routing).images.cpu()
+              for chunk in labels.split(batch_size)]
     return torch.cat(images), labels
 
 
@@ -151,7 +154,10 @@ def add_arguments(p) -> None:
     src.add_argument("--samples", help="a .safetensors from `ddm sample`, or a folder of images (sub-folders = classes)")
     src.add_argument("--ensemble", help="a pipeline folder (ddm sample --save-ensemble), an ensemble, or one expert directory (e.g. the monolith) to sample from")
     p.add_argument("--n", type=int, default=1000, help="samples to generate with --ensemble")
-    p.add_argument("--strategy", default=None, help="override the ensemble's routing strategy")
+    p.add_argument("--strategy", default=None, help=f"override the ensemble's routing strategy: {SPECS}")
+    p.add_argument("--guidance-routing", default=DEFAULT_GUIDANCE_ROUTING,
+                   help=f"{' | '.join(GUIDANCE_ROUTING)}: how a guided sample's null-label row is routed (see ddm sample)")
+    p.add_argument("--expert-devices", default=None, help="experts on several devices, as in ddm sample")
     p.add_argument("--steps", type=int, default=50, help="Euler sampling steps with --ensemble")
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale with --ensemble (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial noise with --ensemble")
@@ -188,6 +194,7 @@ def run(args) -> int:
     latents = LatentDataset(args.data) if real_data and is_latent_dir(args.data) else None
     if real_data and not (args.feature_model and (args.reference or latents)):
         raise UsageError(f"--data {args.data}: real data needs --feature-model PATH and --reference DIR (no downloads)")
+    check_guidance_routing(args.guidance_routing)
     if args.ensemble and args.n < 2:
         raise UsageError(f"--n must be >= 2 for FID, got {args.n}")
     if args.ensemble and latents is not None:
@@ -210,7 +217,8 @@ def run(args) -> int:
     if args.samples:
         images, labels = load_samples(args.samples, channels, args.image_size or reference.shape[-1])
     else:
-        images, labels = generate(args.ensemble, args.n, args.strategy, args.steps, args.cfg, args.seed)
+        images, labels = generate(args.ensemble, args.n, args.strategy, args.steps, args.cfg, args.seed,
+                                  guidance_routing=args.guidance_routing, device_map=args.expert_devices)
     if images.shape[1:] != reference.shape[1:]:
         raise UsageError(f"samples are {tuple(images.shape[1:])}, the reference set is {tuple(reference.shape[1:])}")
     check_samples(images, labels, num_classes)

@@ -1,8 +1,14 @@
 """The ensemble: router + any subset of experts, seen by a sampler as ONE diffusers DiT.
 
 v(x_t, t) = sum_k w_k(x_t, t) v_k(x_t, t), w = strategy(softmax(r(x_t, t)) over the experts present).
-Routing is per sample: each expert runs only on the rows that give it non-zero weight (gather/scatter),
-so top-1 costs one expert + the router per sample, not K experts.
+Routing is per sample: each expert runs only on the rows that give it non-zero weight, so top-1 costs one
+expert + the router per sample, not K experts. Two ways to run the rows (`dispatch`):
+  gather   one call per expert on its rows (their count is read on the host). Experts may sit on different
+           devices (`device_map`): rows travel to their expert's device and back.
+  grouped  all experts as one model on rows sorted by expert (router/grouped.py): no host sync, one expert's
+           kernel launches. Needs experts of one config on one device.
+"auto" takes grouped on a CUDA device where torch's grouped matmul has its sync-free kernel (bf16, sm90+),
+gather elsewhere (on a CPU the host read costs nothing, and gather measured as fast; docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -16,14 +22,16 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ddm import UsageError
-from ddm.models.experts import load_expert
+from ddm.models.experts import load_expert, read_expert_meta
 from ddm.io import atomic_write_json, load_pretrained, replaced_dir, replacing_dir, verify_owned
+from router.grouped import GroupedExperts, groupable, grouped_mm_works
 from router.model import RouterModel
-from router.strategies import DEFAULT_STRATEGY, parse_strategy
+from router.strategies import DEFAULT_STRATEGY, draw_one, parse_strategy
 
 ENSEMBLE_FORMAT = "ddm-ensemble/1"
 # Expert config keys that must agree for the experts to be interchangeable on one sample.
 SHAPE_KEYS = ("sample_size", "in_channels", "out_channels", "patch_size", "num_embeds_ada_norm")
+DISPATCH = ("auto", "gather", "grouped")
 
 
 def load_router(path: str | Path, device=None, dtype=None) -> RouterModel:
@@ -78,6 +86,54 @@ def check_experts(metas: list[dict], configs: list[dict], paths: list) -> None:
         seen.add(island)
 
 
+def check_device(name) -> torch.device:
+    """A device that exists on this machine (UsageError naming it otherwise)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"device {name!r} is not a device name (use cpu or cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise UsageError(f"device {name!r} is not present: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UsageError(f"device {name!r}: use cpu or cuda:N")
+    return device
+
+
+def parse_device_map(device_map, islands: list[int]) -> dict[int, torch.device]:
+    """{island: device} from a dict, a list (one device per expert, in island order) or a CLI string
+    ("cuda:0,cuda:1,..." in island order, or "0=cuda:0,2=cuda:1"). Islands not named use the first device."""
+    if isinstance(device_map, str):
+        items = [item.strip() for item in device_map.split(",") if item.strip()]
+        if items and all("=" in item for item in items):
+            pairs = [item.split("=", 1) for item in items]
+            bad = [i for i, _ in pairs if not i.strip().isdigit()]
+            if bad:
+                raise UsageError(f"device map {device_map!r}: {bad[0]!r} is not an island number")
+            device_map = {int(i): d.strip() for i, d in pairs}
+        elif any("=" in item for item in items):
+            raise UsageError(f"device map {device_map!r}: give either devices in island order or island=device pairs, not both")
+        else:
+            device_map = items
+    if isinstance(device_map, dict):
+        unknown = [i for i in device_map if i not in islands]
+        if unknown:
+            raise UsageError(f"device map gives a device to island {unknown[0]}, which is not among the experts given ({islands})")
+        named = {i: check_device(d) for i, d in device_map.items()}
+        first = named[min(named)] if named else torch.device("cpu")
+        return {i: named.get(i, first) for i in islands}
+    devices = [check_device(d) for d in device_map]
+    if len(devices) != len(islands):
+        raise UsageError(f"device map lists {len(devices)} device(s) for {len(islands)} experts (islands {islands})")
+    return dict(zip(sorted(islands), devices))
+
+
+def grouped_is_fast(device: torch.device, dtype: torch.dtype) -> bool:
+    """Where torch's grouped matmul runs without a host sync: bf16 on sm90+ CUDA devices."""
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 class DDMEnsemble(ModelMixin, ConfigMixin):
     """Same forward signature and output as `DiTTransformer2DModel`.
 
@@ -87,8 +143,11 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
 
     config_name = "ensemble.json"
 
-    def __init__(self, router: RouterModel, experts: list[nn.Module], metas: list[dict], strategy: str = DEFAULT_STRATEGY):
+    def __init__(self, router: RouterModel, experts: list[nn.Module], metas: list[dict], strategy: str = DEFAULT_STRATEGY,
+                 dispatch: str = "auto"):
         super().__init__()
+        if dispatch not in DISPATCH:
+            raise UsageError(f"dispatch {dispatch!r}: use {', '.join(DISPATCH)}")
         if not experts:
             raise UsageError("an ensemble needs at least one expert, got none")
         metas, experts = zip(*sorted(zip(metas, experts), key=lambda p: p[0]["island"]))
@@ -118,22 +177,36 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
             strategy=str(self.strategy), islands=self.islands, num_experts=k, **{key: ec.get(key) for key in SHAPE_KEYS}
         )
         self.register_buffer("present", torch.tensor(self.islands), persistent=False)
+        self.dispatch = dispatch
+        self.grouped: GroupedExperts | None = None
         self.routing_weights: list[torch.Tensor] = []
         self.routing_generator: torch.Generator | None = None
+        self.guidance_pairs = 0
+        self.trajectory_draw: torch.Tensor | None = None
         self.eval()
 
     @classmethod
-    def from_dirs(cls, router_dir, expert_dirs, strategy: str = DEFAULT_STRATEGY, device=None, dtype=None) -> "DDMEnsemble":
-        """Router directory + any subset of expert directories (a failed island is simply not given)."""
+    def from_dirs(cls, router_dir, expert_dirs, strategy: str = DEFAULT_STRATEGY, device=None, dtype=None, device_map=None,
+                  dispatch: str = "auto") -> "DDMEnsemble":
+        """Router directory + any subset of expert directories (a failed island is simply not given).
+
+        `device_map` puts experts on several devices (see `parse_device_map`); the router goes on the first.
+        """
         expert_dirs = list(expert_dirs)
         if not expert_dirs:
             raise UsageError("an ensemble needs at least one expert directory, got none")
+        devices = [device] * len(expert_dirs)
+        if device_map is not None:  # checked before any weights load
+            islands = [read_expert_meta(p).get("island") for p in expert_dirs]
+            placement = parse_device_map(device_map, islands)
+            devices = [placement[i] for i in islands]
+            device = placement[min(placement)]
         router = load_router(router_dir, device, dtype)
         parse_strategy(strategy, router.config.num_experts)  # fail before loading the experts
-        loaded = [load_expert(p, device=device, dtype=dtype) for p in expert_dirs]
+        loaded = [load_expert(p, device=d, dtype=dtype) for p, d in zip(expert_dirs, devices)]
         metas = [m for _, m in loaded]
         check_experts(metas, [dict(model.config) for model, _ in loaded], expert_dirs)
-        return cls(router, [model for model, _ in loaded], metas, strategy)
+        return cls(router, [model for model, _ in loaded], metas, strategy, dispatch)
 
     @property
     def flow_shift(self) -> float:
@@ -144,18 +217,51 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
         self.strategy = parse_strategy(strategy, self.config.num_experts)
         self.register_to_config(strategy=str(self.strategy))
 
-    def reset_routing(self, generator: torch.Generator | None = None) -> None:
-        """Start a generation: clear the routing record; `sample:K` draws from a generator seeded by the sampler's."""
+    def reset_routing(self, generator: torch.Generator | None = None, guidance_pairs: int = 0) -> None:
+        """Start a generation: clear the routing record and the trajectory draws; random routing (`sample:K`,
+        `trajectory`) draws from a generator seeded by the sampler's. `guidance_pairs` = n: in every call of this
+        generation rows i and n + i are one sample's conditional and null-label rows, and the null-label row uses
+        the conditional row's weights (the pipeline's `guidance_routing="conditional"`)."""
         self.routing_weights = []
         self.routing_generator = None
+        self.guidance_pairs = guidance_pairs
+        self.trajectory_draw = None
         if generator is not None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
             self.routing_generator = torch.Generator(generator.device).manual_seed(seed)
 
     def route(self, hidden_states, timestep, class_labels=None) -> torch.Tensor:
         """(B, P) weights over the experts present (router probabilities renormalized over them, then the strategy)."""
-        logits = self.router(hidden_states, timestep, class_labels)[:, self.present]
-        return self.strategy.weights(logits.float().softmax(dim=1), self.routing_generator)
+        n = self.guidance_pairs
+        if not n:
+            return self.route_rows(hidden_states, timestep, class_labels)
+        if hidden_states.shape[0] != 2 * n:
+            raise UsageError(f"routing was reset for {n} guided samples (2 x {n} rows), got {hidden_states.shape[0]} rows")
+        weights = self.route_rows(hidden_states[:n], timestep[:n], None if class_labels is None else class_labels[:n])
+        return torch.cat([weights, weights])
+
+    def route_rows(self, hidden_states, timestep, class_labels) -> torch.Tensor:
+        strategy = self.strategy
+
+        def probs():
+            logits = self.router(hidden_states, timestep, class_labels)[:, self.present]
+            return logits.float().softmax(dim=1)
+
+        if strategy.name != "trajectory":
+            return strategy.weights(probs(), self.routing_generator)
+        first = None
+        if self.trajectory_draw is None:  # the first step (sigma = 1): p(k | x_1, c) is the (class-given) prior
+            first = probs()
+            self.trajectory_draw = draw_one(first, self.routing_generator)
+        elif self.trajectory_draw.shape[0] != hidden_states.shape[0]:
+            raise UsageError(f"trajectory routing drew experts for {self.trajectory_draw.shape[0]} rows, got "
+                             f"{hidden_states.shape[0]}: call reset_routing() before a new generation")
+        if strategy.then is None:
+            return self.trajectory_draw
+        # the hybrid runs the router every step, so no step branches on a device value
+        later = strategy.then.weights(probs() if first is None else first, self.routing_generator)
+        low_noise = timestep < strategy.handover * 1000  # timestep = 1000 sigma
+        return torch.where(low_noise[:, None], later, self.trajectory_draw)
 
     def forward(self, hidden_states, timestep=None, class_labels=None, cross_attention_kwargs=None, return_dict=True):
         batch = hidden_states.shape[0]
@@ -165,21 +271,69 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
         self.routing_weights.append(
             torch.zeros(batch, self.config.num_experts, dtype=weights.dtype, device=weights.device).index_copy_(1, self.present, weights)
         )
+        if len(self.experts) == 1:  # the weight is 1: the expert itself, bit for bit
+            out = self.experts[0](hidden_states, timestep, class_labels, cross_attention_kwargs).sample
+        elif (grouped := self.grouped_experts()) is not None:
+            out = self.forward_grouped(grouped, hidden_states, timestep, class_labels, weights, cross_attention_kwargs)
+        else:
+            out = self.forward_gather(hidden_states, timestep, class_labels, weights, cross_attention_kwargs)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def grouped_experts(self) -> GroupedExperts | None:
+        """The stacked experts when this step runs grouped, else None (gather)."""
+        if self.dispatch == "gather" or self.strategy.experts_per_row(len(self.experts)) is None:
+            return None  # threshold: a row's expert count depends on the weights, so its shapes cannot be fixed
+        first = next(self.experts[0].parameters())
+        if self.dispatch == "auto" and not grouped_is_fast(first.device, first.dtype):
+            return None
+        if self.grouped is None or not self.grouped.is_current():
+            if not groupable(list(self.experts)) or not grouped_mm_works(first.device, first.dtype):
+                if self.dispatch == "grouped":
+                    raise UsageError("dispatch 'grouped' needs experts of one config on one device, and torch._grouped_mm there")
+                self.dispatch = "gather"  # "auto" resolved for good: these experts cannot be stacked
+                return None
+            self.grouped = GroupedExperts(list(self.experts))
+        return self.grouped
+
+    def forward_grouped(self, grouped, hidden_states, timestep, class_labels, weights, cross_attention_kwargs):
+        """Each row's m = experts_per_row slots, sorted by expert, through the grouped model: fixed shapes throughout."""
+        batch, present = weights.shape
+        m = self.strategy.experts_per_row(present)
+        if m == present:
+            w, slots = weights, torch.arange(present, device=weights.device).expand(batch, present)
+        else:
+            w, slots = weights.topk(m, dim=1)  # the m kept experts (zero weights only where fewer are kept)
+        expert = slots.reshape(-1)
+        order = expert.argsort(stable=True)
+        rows = order // m
+        # not F.one_hot: it checks the index range on the host
+        counts = (expert[:, None] == torch.arange(present, device=expert.device)).sum(0)
+        labels = None if class_labels is None else class_labels[rows]
+        kwargs = {} if cross_attention_kwargs is None else {"cross_attention_kwargs": cross_attention_kwargs}
+        v = grouped(hidden_states[rows], timestep[rows], labels, expert[order], counts, **kwargs)
+        v = v[order.argsort()].view(batch, m, *v.shape[1:])
+        return (v * w.view(batch, m, *[1] * (v.dim() - 2)).to(v.dtype)).sum(1)
+
+    def forward_gather(self, hidden_states, timestep, class_labels, weights, cross_attention_kwargs):
+        """One call per expert on its rows, on the expert's device."""
+        batch = hidden_states.shape[0]
         chosen = weights > 0
-        counts = chosen.sum(0).tolist()  # the per-expert batch sizes: the only host syncs of a step (+ nonzero)
+        counts = chosen.sum(0).tolist()  # the per-expert batch sizes: the host read of this path (+ nonzero)
         rows_by_expert = chosen.t().nonzero()[:, 1].split(counts)
         out = hidden_states.new_zeros(batch, self.config.out_channels, *hidden_states.shape[2:])
         for expert, rows, w, n in zip(self.experts, rows_by_expert, weights.t(), counts):
             if n == 0:
                 continue
+            device = next(expert.parameters()).device
             if n == batch:  # the whole batch: no gather, so one routed expert reproduces the expert exactly
-                v = expert(hidden_states, timestep, class_labels, cross_attention_kwargs).sample
+                labels = None if class_labels is None else class_labels.to(device)
+                v = expert(hidden_states.to(device), timestep.to(device), labels, cross_attention_kwargs).sample.to(out.device)
                 out += v * w.view(-1, 1, 1, 1).to(v.dtype)
             else:
-                labels = None if class_labels is None else class_labels[rows]
-                v = expert(hidden_states[rows], timestep[rows], labels, cross_attention_kwargs).sample
-                out.index_add_(0, rows, v * w[rows].view(-1, 1, 1, 1).to(v.dtype))
-        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+                labels = None if class_labels is None else class_labels[rows].to(device)
+                v = expert(hidden_states[rows].to(device), timestep[rows].to(device), labels, cross_attention_kwargs).sample
+                out.index_add_(0, rows, v.to(out.device) * w[rows].view(-1, 1, 1, 1).to(v.dtype))
+        return out
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """router/ + expert_<island>/ (EMA weights + expert.json) + ensemble.json naming them and the strategy.
@@ -199,7 +353,7 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
             atomic_write_json(staging / self.config_name, {"format": ENSEMBLE_FORMAT, "router": "router", "experts": names, "strategy": str(self.strategy)})
 
     @classmethod
-    def from_pretrained(cls, path, strategy: str | None = None, device=None, torch_dtype=None, **kwargs) -> "DDMEnsemble":
+    def from_pretrained(cls, path, strategy: str | None = None, device=None, torch_dtype=None, device_map=None, **kwargs) -> "DDMEnsemble":
         path = replaced_dir(path)
         try:
             spec = json.loads((path / cls.config_name).read_text())
@@ -213,5 +367,5 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
             raise UsageError(f"{path / cls.config_name}: 'router', 'experts' and 'strategy' must name folders and a strategy")
         verify_owned(path, "ensemble")
         return cls.from_dirs(
-            path / spec["router"], [path / e for e in spec["experts"]], strategy or spec["strategy"], device, torch_dtype
+            path / spec["router"], [path / e for e in spec["experts"]], strategy or spec["strategy"], device, torch_dtype, device_map
         )

@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ddm import UsageError
 from ddm.io import replacing_dir, verify_owned
+from router.strategies import DEFAULT_GUIDANCE_ROUTING, check_guidance_routing
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -43,7 +44,10 @@ class DDMPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        guidance_routing: str = DEFAULT_GUIDANCE_ROUTING,
     ):
+        """`guidance_routing` (an ensemble with CFG): "conditional" routes a sample's null-label row with its
+        conditional row's weights, so guidance contrasts one expert's two velocities; "per-row" routes each row alone."""
         cfg = self.transformer.config
         num_classes = cfg.num_embeds_ada_norm
         labels = torch.as_tensor(class_labels, dtype=torch.long).flatten()
@@ -52,6 +56,7 @@ class DDMPipeline(DiffusionPipeline):
             raise UsageError(f"class labels must be in 0..{num_classes - 1}, got {bad.tolist() or 'none'}")
         if output_type not in OUTPUT_TYPES:
             raise UsageError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        check_guidance_routing(guidance_routing)
         if num_inference_steps < 1:
             raise UsageError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         device, dtype = self._execution_device, self.transformer.dtype
@@ -59,10 +64,10 @@ class DDMPipeline(DiffusionPipeline):
         latents = randn_tensor(
             (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator, device=device, dtype=dtype
         )
-        reset_routing = getattr(self.transformer, "reset_routing", None)  # only an ensemble records routing
-        if reset_routing is not None:
-            reset_routing(generator)
         use_cfg = guidance_scale != 1.0
+        reset_routing = getattr(self.transformer, "reset_routing", None)  # only an ensemble routes
+        if reset_routing is not None:
+            reset_routing(generator, guidance_pairs=batch if use_cfg and guidance_routing == "conditional" else 0)
         labels = labels.to(device)
         if use_cfg:  # cond rows first, then the null-label rows
             labels = torch.cat([labels, torch.full_like(labels, num_classes)])
@@ -100,20 +105,22 @@ def make_pipeline(transformer, flow_shift: float = 1.0, vae=None) -> DDMPipeline
     return pipe
 
 
-def ensemble_pipeline(router_dir, expert_dirs, strategy: str | None = None, device=None, dtype=None) -> DDMPipeline:
-    """Router directory + any subset of expert directories → a pipeline over their ensemble."""
+def ensemble_pipeline(router_dir, expert_dirs, strategy: str | None = None, device=None, dtype=None, device_map=None) -> DDMPipeline:
+    """Router directory + any subset of expert directories → a pipeline over their ensemble (experts on the
+    devices of `device_map`, see DDMEnsemble.from_dirs)."""
     from ddm.data.vae import expert_vae
     from router.ensemble import DDMEnsemble
     from router.strategies import DEFAULT_STRATEGY
 
-    ensemble = DDMEnsemble.from_dirs(router_dir, expert_dirs, strategy or DEFAULT_STRATEGY, device, dtype)
-    return make_pipeline(ensemble, ensemble.flow_shift, expert_vae(ensemble.metas[0], device))
+    ensemble = DDMEnsemble.from_dirs(router_dir, expert_dirs, strategy or DEFAULT_STRATEGY, device, dtype, device_map=device_map)
+    return make_pipeline(ensemble, ensemble.flow_shift, expert_vae(ensemble.metas[0], ensemble.router.device))
 
 
-def load_pipeline(path, strategy: str | None = None, device=None, dtype=None) -> DDMPipeline:
+def load_pipeline(path, strategy: str | None = None, device=None, dtype=None, device_map=None) -> DDMPipeline:
     """A pipeline from a pipeline folder (model_index.json), an ensemble (ensemble.json) or one expert (expert.json).
 
-    `strategy` overrides an ensemble's routing strategy; a single expert has none to override.
+    `strategy` overrides an ensemble's routing strategy and `device_map` places its experts (DDMEnsemble.from_dirs);
+    a single expert has neither.
     """
     from ddm.data.vae import expert_vae
     from ddm.models.experts import load_expert
@@ -128,6 +135,14 @@ def load_pipeline(path, strategy: str | None = None, device=None, dtype=None) ->
         if class_name != DDMPipeline.__name__:
             raise UsageError(f"{path} holds a {class_name} pipeline, not a {DDMPipeline.__name__}")
         verify_owned(path, "pipeline")  # every file as ddm wrote it (SHA-256)
+        if device_map is not None:  # the ensemble inside, placed by hand; the rest as diffusers would load it
+            ensemble = DDMEnsemble.from_pretrained(path / "transformer", strategy=strategy, torch_dtype=dtype, device_map=device_map)
+            vae = None
+            if (path / "vae").is_dir():
+                from diffusers import AutoencoderKL
+
+                vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True).to(ensemble.router.device)
+            return make_pipeline(ensemble, ensemble.flow_shift, vae)
         try:
             pipe = DDMPipeline.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
         except (OSError, ValueError, TypeError, KeyError) as e:
@@ -140,11 +155,11 @@ def load_pipeline(path, strategy: str | None = None, device=None, dtype=None) ->
             raise UsageError(f"--strategy {strategy} needs an ensemble; {path} holds a single expert")
         return pipe.to(device) if device is not None else pipe
     if (path / DDMEnsemble.config_name).is_file():
-        ensemble = DDMEnsemble.from_pretrained(path, strategy=strategy, device=device, torch_dtype=dtype)
-        return make_pipeline(ensemble, ensemble.flow_shift, expert_vae(ensemble.metas[0], device))
+        ensemble = DDMEnsemble.from_pretrained(path, strategy=strategy, device=device, torch_dtype=dtype, device_map=device_map)
+        return make_pipeline(ensemble, ensemble.flow_shift, expert_vae(ensemble.metas[0], ensemble.router.device))
     if (path / "expert.json").is_file():
-        if strategy:
-            raise UsageError(f"--strategy {strategy} needs an ensemble; {path} is a single expert")
+        if strategy or device_map:
+            raise UsageError(f"--strategy / --expert-devices need an ensemble; {path} is a single expert")
         model, meta = load_expert(path, device=device, dtype=dtype)
         return make_pipeline(model, meta["flow"]["shift"], expert_vae(meta, device))
     raise UsageError(f"{path} is not a pipeline folder (model_index.json), an ensemble (ensemble.json) or an expert (expert.json)")

@@ -3,7 +3,8 @@
 Writes OUT (PNG grid), OUT with .json (routing: per sample the expert used at every step, per step the mean
 weights and the number of samples per expert) and OUT with .safetensors (images in [0, 1] + class labels,
 readable by `ddm eval --samples`); `--save-ensemble DIR` also writes the ensemble directory. With CFG the
-routing is reported for the conditional rows; the null-label rows are routed on their own (`experts_uncond`).
+routing is reported for the conditional rows and for the null-label rows (`experts_uncond`), which follow the
+conditional rows under `--guidance-routing conditional` (the default) and are routed alone under `per-row`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from ddm import UsageError, command_args
 from ddm.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json
-from router.strategies import DEFAULT_STRATEGY
+from router.strategies import DEFAULT_GUIDANCE_ROUTING, DEFAULT_STRATEGY, GUIDANCE_ROUTING, SPECS, check_guidance_routing
 
 SAMPLE_FORMAT = "ddm-sample/1"  # in OUT.json (and OUT.safetensors' metadata): marks the three files as ours
 MAX_SCALE = 64  # PNG upscale factor: a 64x grid of 8x8 digits is already 512 pixels a digit
@@ -84,7 +85,13 @@ def add_arguments(p) -> None:
     p.add_argument("--ensemble", help="a pipeline folder saved by --save-ensemble (or an older ensemble directory)")
     p.add_argument("--router", help="router directory (with --experts)")
     p.add_argument("--experts", nargs="+", help="expert directories: any subset of the islands")
-    p.add_argument("--strategy", default=None, help=f"full | top1 | topk:K | threshold:TAU | sample:K (default {DEFAULT_STRATEGY})")
+    p.add_argument("--strategy", default=None, help=f"{SPECS} (default {DEFAULT_STRATEGY}); see docs/ddm.md")
+    p.add_argument("--guidance-routing", default=DEFAULT_GUIDANCE_ROUTING,
+                   help=f"{' | '.join(GUIDANCE_ROUTING)} (default {DEFAULT_GUIDANCE_ROUTING}): with CFG, the null-label row "
+                        "follows its conditional row's routing, or each row is routed alone")
+    p.add_argument("--expert-devices", default=None,
+                   help="put experts on several devices: cuda:0,cuda:1,... (one per expert, island order) or 0=cuda:0,2=cuda:1; "
+                        "the router goes on the first")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--classes", type=int, nargs="+", help="class labels, cycled to n (default 0..C-1 cycled)")
     p.add_argument("--steps", type=int, default=50, help="Euler sampling steps")
@@ -125,6 +132,7 @@ def run(args) -> int:
         raise UsageError("--router and --experts go together")
     if args.columns is not None and args.columns < 1:
         raise UsageError(f"--columns must be >= 1, got {args.columns}")
+    check_guidance_routing(args.guidance_routing)
     for name in ("n", "steps", "scale"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -134,7 +142,10 @@ def run(args) -> int:
     check_outputs(out)
     if args.save_ensemble:
         check_owned(Path(args.save_ensemble), "pipeline", "--save-ensemble")
-    pipe = load_pipeline(args.ensemble, args.strategy) if args.ensemble else ensemble_pipeline(args.router, args.experts, args.strategy)
+    if args.ensemble:
+        pipe = load_pipeline(args.ensemble, args.strategy, device_map=args.expert_devices)
+    else:
+        pipe = ensemble_pipeline(args.router, args.experts, args.strategy, device_map=args.expert_devices)
     ensemble = pipe.transformer
     if not isinstance(ensemble, DDMEnsemble):
         raise UsageError(f"--ensemble {args.ensemble} holds a single expert; `ddm sample` reports routing, so it needs an ensemble")
@@ -145,11 +156,13 @@ def run(args) -> int:
     classes = torch.tensor(args.classes if args.classes else list(range(num_classes)))
     labels = classes.repeat(math.ceil(args.n / len(classes)))[: args.n]
     with output_lock(out, folder=False), output_lock(Path(args.save_ensemble)) if args.save_ensemble else contextlib.nullcontext():
-        images = pipe(labels, args.steps, args.cfg, torch.Generator().manual_seed(args.seed), output_type="pt").images
+        images = pipe(labels, args.steps, args.cfg, torch.Generator().manual_seed(args.seed), output_type="pt",
+                      guidance_routing=args.guidance_routing).images.cpu()
         if not torch.isfinite(images).all():
             raise UsageError("sampling produced non-finite values (a diverged expert or router?); nothing was written")
-        stats = routing_statistics(ensemble.routing_weights, labels, pipe.scheduler.sigmas[:-1], args.cfg != 1.0)
-        stats.update(format=SAMPLE_FORMAT, strategy=str(ensemble.strategy), islands_present=ensemble.islands, seed=args.seed, cfg=args.cfg)
+        stats = routing_statistics([w.cpu() for w in ensemble.routing_weights], labels, pipe.scheduler.sigmas[:-1], args.cfg != 1.0)
+        stats.update(format=SAMPLE_FORMAT, strategy=str(ensemble.strategy), islands_present=ensemble.islands, seed=args.seed, cfg=args.cfg,
+                     guidance_routing=args.guidance_routing)
         atomic_write_json(out.with_suffix(".json"), stats)  # first: it marks the three files as ours
         atomic_write_bytes(out, image_grid(images, args.scale, args.columns, labels))
         atomic_save_tensors(out.with_suffix(".safetensors"), {"images": images, "labels": labels}, metadata={"format": SAMPLE_FORMAT})

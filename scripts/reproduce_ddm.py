@@ -1,13 +1,19 @@
-"""The DDM paper's comparison on the digits, at equal total training FLOPs (DESIGN.md section 2, Table 1).
+"""The DDM paper's comparison on the digits, at equal total training FLOPs (docs/design.md §2, the paper's Table 1).
 
 A monolith (one expert on all data) against K-expert DDMs (K = 2, 4, 8, balanced k-means islands): the global
 batch B is split evenly across the K experts (B/K each, same number of steps), and the router's training FLOPs
 are given back to the monolith as extra steps. Every DDM is sampled with the strategies full, top1, top2,
-sample1 and threshold:0.1; FID (digit-classifier features, vs the held-out 20% of the digits) over seeds,
-mean ± std. Ablation: a random partition at K=4.
+sample1, threshold:0.1, trajectory and the hybrids trajectory:0.5:top1 and trajectory:0.2:top1, the two rows of a
+guided sample routed by the conditional row; top1 and trajectory also with each row routed alone ("per-row").
+Training is shared: strategies differ only at sampling. Reported: FID (digit-classifier features, vs the held-out
+20% of the digits) over seeds, mean ± std; the class-frequency error (total variation between the classifier's
+class shares in the samples and the class shares of the data); the island error (per class, total variation between
+the islands of the samples, as the router names them at sigma = 0.05, and the data's islands of that class,
+averaged over classes); the experts run per sample and step. Ablation: a random partition at K=4.
 
     python scripts/reproduce_ddm.py            # full: ~25 min on 2 idle cores (timed pieces: 1000 steps at batch 64
-                                               # 39 s, at batch 8 14 s; 500 samples x 25 steps 4.4 s); writes
+                                               # 39 s, at batch 8 14 s; 500 samples x 25 steps 4.4 s); 71 min with
+                                               # --jobs 1 on the loaded shared machine; writes
                                                # docs/benchmarks/ddm_reproduce.json and docs/RESULTS.md
     python scripts/reproduce_ddm.py --quick    # tiny settings, < 5 min; writes under outputs/ unless told otherwise
 
@@ -27,8 +33,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ["full", "top1", "top2", "sample:1", "threshold:0.1"]
-PAPER_TABLE1 = [  # DESIGN.md section 2: ImageNet, 8 experts of DiT-XL/2, FID
+GUIDANCE = "conditional"  # the default rule: a guided sample's null-label row follows its conditional row
+STRATEGIES = [(s, GUIDANCE) for s in ("full", "top1", "top2", "sample:1", "threshold:0.1", "trajectory",
+                                       "trajectory:0.5:top1", "trajectory:0.2:top1")]
+STRATEGIES += [("top1", "per-row"), ("trajectory", "per-row")]
+ISLAND_SIGMA = 0.05  # where the router names a finished sample's island (its top-1 accuracy there is ~0.95)
+PAPER_TABLE1 = [  # docs/design.md §2 (the paper's figures): ImageNet, 8 experts of DiT-XL/2, FID
     ("monolith", 308, 12.81), ("full", 2490, 10.52), ("top1", 334, 9.84), ("top2", 642, 10.31),
     ("sample:1", 334, 157.05), ("threshold:0.1", None, 10.15),
 ]
@@ -73,32 +83,54 @@ def router_job(manifest: str, experts: list[str], out: str, s: dict, seed: int) 
         Path(out).parent / "train.log")
 
 
-def eval_job(name: str, router: str | None, experts: list[str], strategies: list[str], s: dict, seed: int) -> list[dict]:
-    """FID/accuracy of one model under each strategy, plus the mean number of experts run per sample and step."""
+def island_error(model, images, labels, manifest: str) -> float:
+    """Mean over classes of the total variation between the samples' islands (the router's argmax at a low sigma)
+    and the data's islands of that class."""
     import torch
 
+    from ddm.data.images import DigitsDataset
+    from ddm.partition.manifest import Manifest
+
+    data_labels, assignments = DigitsDataset().labels, Manifest.load(manifest).assignments
+    k = model.config.num_experts
+    with torch.no_grad():
+        t = torch.full((len(images),), 1000 * ISLAND_SIGMA)
+        named = model.router(images * 2 - 1, t, labels).argmax(1)
+    errors = []
+    for c in labels.unique().tolist():
+        data = torch.bincount(assignments[data_labels == c], minlength=k).float()
+        made = torch.bincount(named[labels == c], minlength=k).float()
+        errors.append(0.5 * (data / data.sum() - made / made.sum()).abs().sum().item())
+    return sum(errors) / len(errors)
+
+
+def eval_job(name: str, router: str | None, experts: list[str], strategies: list, s: dict, seed: int, manifest: str) -> list[dict]:
+    """FID/accuracy/proportion errors of one model under each (strategy, guidance routing), and the experts run."""
+    import torch
+
+    from ddm.data.images import DigitsDataset
     from evaluation.digit_classifier import load_digit_classifier
     from evaluation.images import digit_features, digits_reference, evaluate_samples
-    from ddm.models.experts import load_expert
-    from router.ensemble import DDMEnsemble
-    from router.pipeline import make_pipeline
+    from router.pipeline import ensemble_pipeline, load_pipeline
 
     classifier = load_digit_classifier()
     reference = digits_reference()
+    data_share = torch.bincount(DigitsDataset().labels, minlength=10).float()
+    data_share /= data_share.sum()
     labels = torch.arange(s["n_samples"]) % 10
     rows = []
-    for strategy in strategies:
-        if router is None:
-            model, meta = load_expert(experts[0])
-        else:
-            model = DDMEnsemble.from_dirs(router, experts, strategy)
-            meta = model.metas[0]
-        pipe = make_pipeline(model, meta["flow"]["shift"])
-        images = pipe(labels, s["sample_steps"], s["cfg"], torch.Generator().manual_seed(seed), output_type="pt").images
+    for strategy, guidance in strategies:
+        pipe = load_pipeline(experts[0]) if router is None else ensemble_pipeline(router, experts, strategy)
+        model = pipe.transformer
+        images = pipe(labels, s["sample_steps"], s["cfg"], torch.Generator().manual_seed(seed), output_type="pt",
+                      guidance_routing=guidance or GUIDANCE).images  # the monolith has no routing
         metrics = evaluate_samples(images, labels, reference, digit_features(classifier), classifier)
         runs = torch.stack(model.routing_weights).gt(0).sum(-1).float().mean().item() if router else 1.0
-        rows.append({"model": name, "strategy": strategy, "seed": seed, "fid": metrics["fid"], "accuracy": metrics["accuracy"],
-                     "class_coverage": metrics["class_coverage"], "experts_per_step": runs})
+        class_error = 0.5 * (torch.tensor(metrics["predicted_class_fraction"]) - data_share).abs().sum().item()
+        rows.append({"model": name, "strategy": strategy, "guidance": guidance if router else "", "seed": seed,
+                     "fid": metrics["fid"], "accuracy": metrics["accuracy"], "class_coverage": metrics["class_coverage"],
+                     "class_error": class_error, "island_error": island_error(model, images, labels, manifest) if router else None,
+                     "experts_per_step": runs})
     return rows
 
 
@@ -126,14 +158,17 @@ def flop_budget(s: dict, ks: list[int]) -> dict:
 def summarize(rows: list[dict]) -> list[dict]:
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["model"], r["strategy"]), []).append(r)
+        groups.setdefault((r["model"], r["strategy"], r["guidance"]), []).append(r)
     out = []
-    for (model, strategy), rs in groups.items():
+    for (model, strategy, guidance), rs in groups.items():
         fids = [r["fid"] for r in rs]
+        islands = [r["island_error"] for r in rs if r["island_error"] is not None]
         out.append({
-            "model": model, "strategy": strategy, "fid_per_seed": fids, "fid_mean": statistics.fmean(fids),
+            "model": model, "strategy": strategy, "guidance": guidance, "fid_per_seed": fids, "fid_mean": statistics.fmean(fids),
             "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
             "accuracy_mean": statistics.fmean(r["accuracy"] for r in rs),
+            "class_error_mean": statistics.fmean(r["class_error"] for r in rs),
+            "island_error_mean": statistics.fmean(islands) if islands else None,
             "experts_per_step": statistics.fmean(r["experts_per_step"] for r in rs),
         })
     return out
@@ -149,17 +184,24 @@ def markdown(result: dict) -> str:
         f"{f['router_over_expert_forward']:.1%} of an expert's forward FLOPs, {f['ddm_router_share']:.1%} of the DDM's training "
         f"FLOPs, given back to the monolith as {f['monolith_steps'] - s['steps']} extra steps. FID on the shipped digit "
         f"classifier's features vs the held-out 20% of the digits (359 images), {s['n_samples']} samples, {s['sample_steps']} "
-        f"Euler steps, CFG {s['cfg']}, seeds {s['seeds']}; mean ± std over seeds. Experts run = mean experts evaluated per sample and step.",
+        f"Euler steps, CFG {s['cfg']}, seeds {s['seeds']}; mean ± std over seeds. Guidance: how the two rows of a guided "
+        f"sample are routed (conditional: both by the conditional row; per-row: each alone). Class error: total variation "
+        f"between the class shares of the samples (digit classifier) and of the data. Island error: per class, total "
+        f"variation between the samples' islands (the router's argmax at σ = {ISLAND_SIGMA}) and the data's, averaged over "
+        f"classes. Experts run = mean experts evaluated per sample and step.",
         "",
-        "| model | strategy | FID (ours) | accuracy | experts run | paper FID (ImageNet, K=8) |",
-        "|---|---|---|---|---|---|",
+        "| model | strategy | guidance | FID (ours) | accuracy | class error | island error | experts run | paper FID (ImageNet, K=8) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     paper = {name: fid for name, _, fid in PAPER_TABLE1}
     for r in result["results"]:
         ref = paper.get(r["strategy"] if r["model"] != "monolith" else "monolith") if r["model"] in ("monolith", "ddm-k8") else None
+        if r["guidance"] == "per-row":
+            ref = None  # the paper's rows are not split by guidance routing
+        island = "" if r["island_error_mean"] is None else f"{r['island_error_mean']:.3f}"
         lines.append(
-            f"| {r['model']} | {r['strategy']} | {r['fid_mean']:.2f} ± {r['fid_std']:.2f} | {r['accuracy_mean']:.3f} | "
-            f"{r['experts_per_step']:.2f} | {'' if ref is None else ref} |"
+            f"| {r['model']} | {r['strategy']} | {r['guidance']} | {r['fid_mean']:.2f} ± {r['fid_std']:.2f} | {r['accuracy_mean']:.3f} | "
+            f"{r['class_error_mean']:.3f} | {island} | {r['experts_per_step']:.2f} | {'' if ref is None else ref} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -202,13 +244,14 @@ def run(args) -> int:
     for seed in s["seeds"]:
         mono = work / "monolith" / f"seed{seed}"
         train.append((str(work / "ddm-k4" / "manifest"), "all", str(mono), flops["monolith_steps"], s["batch_size"], s, seed))
-        evals.append(("monolith", None, [str(mono)], ["monolith"], s, seed))
+        evals.append(("monolith", None, [str(mono)], [("monolith", "")], s, seed, ""))
         for name, (k, _) in partitions.items():
             manifest, experts = str(work / name / "manifest"), [str(work / name / f"seed{seed}" / f"island{i}") for i in range(k)]
             train += [(manifest, str(i), e, s["steps"], s["batch_size"] // k, s, seed) for i, e in enumerate(experts)]
             router = str(work / name / f"seed{seed}" / "router")
             routers.append((manifest, experts, router, s, seed))
-            evals.append((name, router, experts, STRATEGIES if name != "ddm-k4-random" else ["top1", "full"], s, seed))
+            random_rows = [(st, GUIDANCE) for st in ("top1", "full", "trajectory")]
+            evals.append((name, router, experts, STRATEGIES if name != "ddm-k4-random" else random_rows, s, seed, manifest))
     print(f"training {len(train)} experts/monoliths and {len(routers)} routers with {args.jobs} jobs ...", flush=True)
     with contextlib.ExitStack() as stack:  # one pool for all stages: workers import torch once
         pool = None

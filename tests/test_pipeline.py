@@ -12,6 +12,7 @@ from frontends.cli import main as ddm_main
 from ddm.models.experts import load_expert
 from router.ensemble import DDMEnsemble
 from router.pipeline import DDMPipeline, make_pipeline
+from router.strategies import DEFAULT_STRATEGY, parse_strategy
 from test_router_fixtures import make_ensemble_dirs, make_expert, make_router
 
 STEPS = 6
@@ -90,10 +91,10 @@ def test_ddm_sample_writes_grid_and_routing_statistics(dirs, tmp_path):
             "--save-ensemble", str(tmp_path / "ens")]
     assert ddm_main(args) == 0
     saved_pipe = DDMPipeline.from_pretrained(tmp_path / "ens")  # a diffusers pipeline folder
-    assert saved_pipe.transformer.islands == [0, 1, 2] and str(saved_pipe.transformer.strategy) == "topk:1"
+    assert saved_pipe.transformer.islands == [0, 1, 2] and str(saved_pipe.transformer.strategy) == str(parse_strategy(DEFAULT_STRATEGY, 4))
     assert Image.open(out).size == (4 * (3 * 9 + 1), 4 * (2 * 9 + 1))
     stats = json.loads(out.with_suffix(".json").read_text())
-    assert stats["strategy"] == "topk:1" and stats["islands_present"] == [0, 1, 2] and len(stats["steps"]) == 4
+    assert stats["strategy"] == str(parse_strategy(DEFAULT_STRATEGY, 4)) and stats["islands_present"] == [0, 1, 2] and len(stats["steps"]) == 4
     assert [s["class"] for s in stats["samples"]] == [0, 1, 2, 3, 4, 5]
     for s in stats["samples"]:
         assert len(s["experts"]) == 4 and set(s["experts"]) <= {0, 1, 2} and len(s["experts_uncond"]) == 4

@@ -14,10 +14,20 @@ from router.train import accuracy_by_sigma, fit_router, router_flop_ratio
 from test_router_fixtures import digits_manifest, make_expert
 
 
-@pytest.mark.parametrize("spec", ["nope", "topk:5", "top5", "topk:0", "sample:9", "sample:x", "threshold:1.5", "threshold:abc", "full:2"])
+@pytest.mark.parametrize("spec", ["nope", "topk:5", "top5", "topk:0", "sample:9", "sample:x", "threshold:1.5", "threshold:abc", "full:2",
+                                  "trajectory:0.5", "trajectory:0.5:magic", "trajectory:0.5:topk:9", "trajectory:0.5:trajectory",
+                                  "trajectories"])
 def test_parse_strategy_rejects(spec):
-    with pytest.raises(UsageError, match="strategy"):
+    with pytest.raises(UsageError, match="strategy") as e:
         parse_strategy(spec, 4)
+    assert "\n" not in str(e.value) and spec in str(e.value)
+
+
+@pytest.mark.parametrize("sigma", ["0", "1", "1.5", "-0.2", "abc", "nan", ""])
+def test_parse_strategy_rejects_a_hand_over_sigma_outside_0_1(sigma):
+    with pytest.raises(UsageError, match=r"hand-over sigma .* \(0, 1\)") as e:
+        parse_strategy(f"trajectory:{sigma}:top1", 4)
+    assert repr(sigma) in str(e.value)
 
 
 def test_parse_strategy_names():
@@ -25,6 +35,26 @@ def test_parse_strategy_names():
     assert str(parse_strategy("top2", 4)) == "topk:2"
     assert str(parse_strategy("threshold:0.1", 4)) == "threshold:0.1"
     assert str(parse_strategy("sample:1", 4)) == "sample:1"
+    assert parse_strategy("trajectory", 4) == Strategy("trajectory")
+    hybrid = parse_strategy("Trajectory:0.3:top1", 4)
+    assert hybrid == Strategy("trajectory", handover=0.3, then=Strategy("topk", k=1))
+    assert str(hybrid) == "trajectory:0.3:topk:1" and parse_strategy(str(hybrid), 4) == hybrid
+    assert str(parse_strategy("trajectory:0.25:full", 4)) == "trajectory:0.25:full"
+    counts = {spec: parse_strategy(spec, 4).experts_per_row(3) for spec in
+              ("full", "top2", "topk:4", "sample:2", "threshold:0.1", "trajectory", "trajectory:0.5:full", "trajectory:0.5:top2")}
+    assert counts == {"full": 3, "top2": 2, "topk:4": 3, "sample:2": 2, "threshold:0.1": None, "trajectory": 1,
+                      "trajectory:0.5:full": 3, "trajectory:0.5:top2": 2}
+
+
+def test_draw_one_follows_the_probabilities_and_the_generator():
+    from router.strategies import draw_one
+
+    probs = torch.tensor([[0.6, 0.0, 0.3, 0.1]]).expand(8000, 4)
+    w = draw_one(probs, torch.Generator().manual_seed(0))
+    assert torch.equal(w, draw_one(probs, torch.Generator().manual_seed(0)))
+    assert not torch.equal(w, draw_one(probs, torch.Generator().manual_seed(1)))
+    assert torch.equal(w.sum(1), torch.ones(8000)) and ((w == 0) | (w == 1)).all()
+    assert w[:, 1].sum() == 0 and torch.allclose(w.mean(0), probs[0], atol=0.02)
 
 
 def test_strategy_weights():
