@@ -116,10 +116,10 @@ def main() -> None:
 
     @torch.inference_mode()
     def block_step():
-        return forward_window(adapter, config, cond, middle, latents)
+        return forward_window(adapter, config, [cond], middle, latents)
 
     with torch.inference_mode():
-        forward_window(adapter, config, cond, newest, latents)  # fills the cache the middle block reads
+        forward_window(adapter, config, [cond], newest, latents)  # fills the cache the middle block reads
     seconds, peak = timed(block_step, device, args.repeats)
     tokens = window * tokens_per_frame
     flops = analytic_flops(model_config, tokens, tokens + args.cat * tokens_per_frame, text_tokens, 2)
