@@ -153,8 +153,17 @@ def test_a_lost_rank_makes_the_others_exit_with_a_clear_error(sig, tmp_path, cap
     print(f"survivors exited {waited:.1f} s after rank 1 was {sig.name}ed (timeout {timeout} s)")
 
 
-def test_torchrun_cli_matches_one_process(tmp_path):
-    """The render script under torchrun (2 ranks) writes the same video as the script in one process."""
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_match_one_process(tmp_path):
+    """Two torchrun "nodes" on this machine (c10d rendezvous, one process each) render with the render script
+    the same video as the script in one process; the last rank, on the second node, decodes and writes it."""
     import subprocess
     import sys
     from pathlib import Path
@@ -170,9 +179,14 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     args = [script, "--model", str(model), "--prompts", str(tmp_path / "p.txt"), "--frames", "14", "--steps", "3",
             "--block", "4", "--cat", "2", "--height", "16", "--width", "16", "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    two = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
+                               "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                               *args, "--decode-on", "last", "--out", str(tmp_path / "two")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    for node in nodes:
+        out, _ = node.communicate(timeout=300)
+        assert node.returncode == 0, out[-2000:]
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("render_videos", script)
@@ -182,7 +196,8 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     name = "0000-a-cat-runs"
     assert np.array_equal(iio.imread(tmp_path / "two" / f"{name}.mp4"), iio.imread(tmp_path / "one" / f"{name}.mp4"))
     sidecar = json.loads((tmp_path / "two" / f"{name}.json").read_text())
-    assert sidecar["ranks"] == 2 and sidecar["bytes_sent"] > 0
+    assert sidecar["ranks"] == 2 and sidecar["bytes_sent"] > 0 and sidecar["parallel"]["decode_rank"] == 1
+    assert sidecar["frames_written"] == 14
 
 
 @pytest.fixture(scope="module")
