@@ -179,7 +179,7 @@ def run_layer_pipeline(
         return torch.empty(1, channels, own_frames(config, block), height, width, dtype=dtype, device=adapter.device)
 
     queue = BlockQueue(config, (channels, height, width), scheduler_config, adapter.device) if owner else None
-    pending: deque = deque()  # rank 0: (item, posted receive of its prediction), in send order
+    pending: deque = deque()  # rank 0: (item, posted receive, its own branch's head output or None), in order
     finals: deque = deque()  # rank 0, when another rank decodes: finished blocks not yet sent
     decoding = topology.decode_rank == rank and not owner
     incoming_final = None  # the decode rank's posted receive of a finished block
@@ -193,15 +193,20 @@ def run_layer_pipeline(
         elif on_block is not None:
             on_block(item.block, final)
 
+    def resolve() -> None:
+        """Apply the oldest pending prediction: received whole, or (CFG-parallel, rank 0 running the conditional
+        head) guided from rank 0's head output and the unconditional one received."""
+        done, (work, buffer, peer), own = pending.popleft()
+        links.wait(work, peer)
+        apply(done, buffer if own is None else guide(torch.cat([own, buffer]), config.guidance_scale))
+
     def settle(item: WorkItem) -> None:
         """Apply every prediction that item's input depends on: up to (iteration - 1, block - 1)."""
         while pending and (
             pending[0][0].iteration < item.iteration - 1
             or (pending[0][0].iteration == item.iteration - 1 and pending[0][0].block >= item.block - 1)
         ):
-            done, (work, buffer, peer) = pending.popleft()
-            links.wait(work, peer)
-            apply(done, buffer)
+            resolve()
 
     def final_due(item: WorkItem) -> bool:
         """Block b - 1 left the queue in the previous iteration: rank 0 sends it to the decode rank right after
@@ -239,11 +244,13 @@ def run_layer_pipeline(
         if not head:
             links.send(hidden, rank + 1)
             if owner:
-                pending.append((item, links.recv(block_buffer(item.block), topology.head(0))))
+                pending.append((item, links.recv(block_buffer(item.block), topology.head(0)), None))
         else:
             output = adapter.head(hidden, step, frames)
             if group == 1:
                 links.send(output, topology.head(0))
+            elif split and owner:  # guided when a later input needs it: the other branch need not have finished
+                pending.append((item, uncond, output))
             else:
                 if split:
                     links.wait(uncond[0], uncond[2])
@@ -263,9 +270,7 @@ def run_layer_pipeline(
             incoming_final = None
     if owner:
         while pending:
-            done, (work, buffer, peer) = pending.popleft()
-            links.wait(work, peer)
-            apply(done, buffer)
+            resolve()
         while finals:  # the last block (any other is sent during the loop)
             links.send(finals.popleft(), topology.decode_rank, FINAL)
     if decoding:
