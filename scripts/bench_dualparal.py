@@ -5,6 +5,7 @@
 (a) speedup: 2 ranks x 1 thread vs 1 process x 2 threads (equal cores), denoising time of the same video;
     1 process x 1 thread beside them shows the layer pipeline's own efficiency (ideal 2x); the 2-rank runs
     with the even split (4,4), the balanced split rank 0 measures (auto), and CFG-parallel (two groups of 1);
+    and the machine's own ceiling: two independent 1-thread renders at once vs one alone;
 (b) traffic: bytes sent between ranks per block-step, measured, beside the formula, and beside what
     DeepSpeed-Ulysses sequence parallelism would move for the same video and ranks;
 (c) memory: peak RSS of one rendering process (1 thread) for videos of 1x, 4x and 16x the frames;
@@ -94,17 +95,45 @@ def traffic(blocks: int, ranks: int, steps: int) -> dict:
             "hidden_per_link": hidden}
 
 
+def solo_child(args) -> None:
+    """(a)'s 1-thread render in a fresh process: prints its denoise seconds."""
+    record = render(Path(args.model), Path(args.out), args.blocks, 1, 1)
+    print(record["timings_s"]["denoise"])
+
+
+def two_core_ceiling(model_dir: Path, tmp: Path, blocks: int, rounds: int) -> dict:
+    """What two cores give two independent 1-thread renders (no communication at all): the ceiling of any
+    2-rank speedup on this machine (below 2 when the cores share a physical core, or other jobs run)."""
+    def launch(tag: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, __file__, "--solo-child", "--model", str(model_dir), "--out",
+                                 str(tmp / f"solo-{tag}.mp4"), "--blocks", str(blocks)], stdout=subprocess.PIPE, text=True)
+
+    def seconds(proc) -> float:
+        return float(proc.communicate()[0].strip().splitlines()[-1])
+
+    alone, together = [], []
+    for r in range(rounds):
+        alone.append(seconds(launch(f"{r}")))
+        pair = [launch(f"{r}-{i}") for i in range(2)]
+        together.append(statistics.mean(seconds(proc) for proc in pair))
+    alone_s, together_s = statistics.median(alone), statistics.median(together)
+    return {"alone_s": alone_s, "two_at_once_s": together_s, "throughput_ratio": 2 * alone_s / together_s}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, default=Path("docs/benchmarks/dualparal.json"))
     p.add_argument("--blocks", type=int, default=12, help="blocks in the (a)/(b) video")
     p.add_argument("--rounds", type=int, default=5, help="(a), (e): interleaved rounds per setting; the median counts")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--solo-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.solo_child:
+        return solo_child(args)
 
     import torch
 
@@ -137,6 +166,7 @@ def main() -> None:
         "measured_ms_per_block_step": timing["2 ranks x 1 thread, balanced split"][0]["parallel"]["measured_ms_per_block_step"],
         "speedup": one / balanced, "speedup_even_split": one / even, "speedup_vs_1thread": single / balanced,
         "cfg_parallel_speedup_vs_layer_pipeline": balanced / cfg, "target": 1.6}
+    results["a_speedup"]["two_core_ceiling"] = two_core_ceiling(model_dir, tmp, args.blocks, args.rounds)
     expected = traffic(args.blocks, 2, VIDEO["steps"])
     results["b_traffic_bytes_per_block_step"] = {
         "measured": timing["2 ranks x 1 thread, balanced split"][0]["bytes_sent_per_block_step"], **expected, "ranks": 2,
@@ -175,6 +205,9 @@ def main() -> None:
     print(f"    speedup {a['speedup']:.2f}x vs 2 threads (target 1.6x; even split {a['speedup_even_split']:.2f}x), "
           f"{a['speedup_vs_1thread']:.2f}x vs 1 thread; balanced split {a['balanced_split']}; "
           f"CFG-parallel {a['cfg_parallel_speedup_vs_layer_pipeline']:.2f}x the 2-rank layer pipeline")
+    c = a["two_core_ceiling"]
+    print(f"    two independent 1-thread renders at once: {c['two_at_once_s']:.3f} s each vs {c['alone_s']:.3f} s alone: "
+          f"this machine's two cores give {c['throughput_ratio']:.2f}x one (the ceiling of a 2-rank speedup vs 1 thread)")
     b = results["b_traffic_bytes_per_block_step"]
     print(f"(b) bytes/block-step, 2 ranks: measured {b['measured']:.0f} | formula {b['dualparal_formula']:.0f} | "
           f"Ulysses {b['ulysses']:.0f} ({b['ulysses'] / b['measured']:.1f}x more)")

@@ -25,7 +25,6 @@ Wan2.1 videos, up to 6.54x lower latency and 1.48x lower memory than the baselin
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile

@@ -222,7 +222,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['mode']:<14} {r['latent_frames']:>8} {r['tokens']:>8} {r['seconds']:>10.3f} {r['peak_gib']:>9.2f} {r['tflops']:>8.1f} {extra}")
     exact = exactness_on(device, dtype)
     print(f"layer pipeline (1 rank) == reference on {device.type} {dtype}: {exact}")
-    del model, adapter, cond, latents, text
     if device.type == "cuda":
         torch.cuda.empty_cache()
     renders = render_rows(TINY if args.tiny else WAN_1_3B, device, args.tiny, args.budget, started)

@@ -28,16 +28,23 @@ SIZE = 8  # latent height = width
 CONFIG = DualParalConfig(frames=6 + 4 * 4, steps=4, block=4, cat=2, guidance_scale=4.0, seed=3)
 
 
-def make_adapter(config: DualParalConfig = CONFIG) -> WanAdapter:
-    torch.manual_seed(0)
-    return WanAdapter(tiny_transformer(LAYERS), config.block + config.cat, config.cat, SIZE, SIZE)
+def make_adapter(config: DualParalConfig = CONFIG, model_dir=None, layers=None) -> WanAdapter:
+    """The tiny 5-layer transformer, or a model folder's (Wan2.2 A14B: both experts) cut to `layers`."""
+    window = config.block + config.cat
+    if model_dir is None:
+        torch.manual_seed(0)
+        return WanAdapter(tiny_transformer(LAYERS), window, config.cat, SIZE, SIZE)
+    from parallel_infer.loader import inspect_model, load_model
+
+    model = load_model(inspect_model(model_dir), layers=layers)
+    return WanAdapter(model.transformer, window, config.cat, SIZE, SIZE, model.transformer_2, model.boundary_timestep)
 
 
 def prompt_embeds() -> torch.Tensor:
     return torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
 
 
-def _rank(rank, world, store, out, config_dict, timeout, started, topology=None):
+def _rank(rank, world, store, out, config_dict, timeout, started, topology=None, model_dir=None):
     from parallel_infer.distributed import fail, join_group
 
     torch.set_num_threads(1)
@@ -50,7 +57,9 @@ def _rank(rank, world, store, out, config_dict, timeout, started, topology=None)
             finals[str(b)] = latent.clone()
             started.set()
 
-        total = run_layer_pipeline(make_adapter(config), config, prompt_embeds(), on_block, timeout=timeout, topology=topology)
+        layers = topology.layers(rank) if topology is not None else None
+        adapter = make_adapter(config, model_dir, layers)
+        total = run_layer_pipeline(adapter, config, prompt_embeds(), on_block, timeout=timeout, topology=topology)
         if finals:
             save_file({**finals, "bytes": torch.tensor([total])}, out)
     except PeerFailure as e:
@@ -59,24 +68,24 @@ def _rank(rank, world, store, out, config_dict, timeout, started, topology=None)
         torch.distributed.destroy_process_group()
 
 
-def start_ranks(world, tmp_path, config=CONFIG, timeout=60.0, topology=None, name=None):
+def start_ranks(world, tmp_path, config=CONFIG, timeout=60.0, topology=None, name=None, model_dir=None):
     ctx = mp.get_context("fork")
     started = ctx.Event()
     name = name or str(world)
     out = str(tmp_path / f"latents-{name}.safetensors")
-    procs = [ctx.Process(target=_rank, args=(r, world, str(tmp_path / f"store-{name}"), out, config.to_dict(), timeout, started, topology))
-             for r in range(world)]
+    procs = [ctx.Process(target=_rank, args=(r, world, str(tmp_path / f"store-{name}"), out, config.to_dict(), timeout,
+                                             started, topology, model_dir)) for r in range(world)]
     for p in procs:
         p.start()
     return procs, out, started
 
 
-def run_reference_finals(split_batch=False):
+def run_reference_finals(split_batch=False, model_dir=None):
     torch.set_num_threads(1)
     finals = {}
     with torch.inference_mode():
-        run_reference(make_adapter(), CONFIG, prompt_embeds(), lambda b, x: finals.__setitem__(str(b), x.clone()),
-                      split_batch=split_batch)
+        run_reference(make_adapter(CONFIG, model_dir), CONFIG, prompt_embeds(),
+                      lambda b, x: finals.__setitem__(str(b), x.clone()), split_batch=split_batch)
     return finals
 
 
@@ -98,17 +107,24 @@ def finished(runs):
 
 def test_layer_pipeline_equals_reference_bit_for_bit(reference, tmp_path):
     """Even splits on 1, 2, 3 ranks; uneven splits (as --layer-split or the balance gives them) with the last
-    rank decoding; CFG-parallel on 2 and 4 ranks against the reference that splits the batch the same way."""
+    rank decoding; CFG-parallel on 2 and 4 ranks against the reference that splits the batch the same way; a
+    Wan2.2 A14B folder (two experts switched at the boundary) on 2 ranks, each loading its slice of both."""
+    from parallel_infer.tiny import write_tiny_model
+
+    a14b = write_tiny_model(tmp_path / "a14b", layers=LAYERS, layout="a14b", boundary_ratio=0.8)
     placements = {  # name: (world, topology)
         "1": (1, None), "2": (2, None), "3": (3, None),
         "4+1 decode last": (2, Topology((4, 1), decode_on="last")),
         "1+1+3 decode last": (3, Topology((1, 1, 3), decode_on="last")),
         "cfg 2x1": (2, Topology((5,), groups=2)),
         "cfg 2x(3+2) decode last": (4, Topology((3, 2), groups=2, decode_on="last")),
+        "a14b 2+3": (2, Topology((2, 3))),
     }
-    runs = {name: start_ranks(world, tmp_path, topology=topology, name=name.replace(" ", "_"))
+    runs = {name: start_ranks(world, tmp_path, topology=topology, name=name.replace(" ", "_"),
+                              model_dir=a14b if name.startswith("a14b") else None)
             for name, (world, topology) in placements.items()}  # all at once: they share 2 cores
     split_reference = run_reference_finals(split_batch=True)
+    a14b_reference = run_reference_finals(model_dir=a14b)
     items = CONFIG.num_blocks * CONFIG.steps
     window_tokens = (CONFIG.block + CONFIG.cat) * (SIZE // 2) ** 2
     hidden_bytes = 2 * window_tokens * 24 * 4  # [cond, uncond] x tokens x dim x float32
@@ -117,11 +133,11 @@ def test_layer_pipeline_equals_reference_bit_for_bit(reference, tmp_path):
     video_frames = CONFIG.frames
     for name, got in finished(runs).items():
         world, topology = placements[name]
-        expected = split_reference if name.startswith("cfg") else reference
+        expected = split_reference if name.startswith("cfg") else a14b_reference if name.startswith("a14b") else reference
         assert sorted(got) == sorted(expected) + ["bytes"], name
         for b, latent in expected.items():
             assert torch.equal(got[b], latent), f"{name}: block {b} differs"
-        if not name.startswith("cfg"):
+        if name[0].isdigit():
             # Bytes sent: hidden states of every block-step across each of the world - 1 links, one guided
             # prediction per block-step back to rank 0, and, when another rank decodes, each final block.
             finals = video_frames * block_bytes if name.endswith("decode last") else 0
