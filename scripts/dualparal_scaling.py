@@ -16,6 +16,11 @@ full-sequence forward (attention quadratic in the video) at the measured full-se
 Ulysses' 4 all-to-alls per layer (q, k, v, out: (N-1)/N^2 of the sequence's hidden states sent per GPU) or Ring's
 N-1 key/value passes per layer (overlapped with attention). Their decode runs after the last step, on one GPU.
 
+Validation (--validate): the bench model's per-block-step costs measured here (balance.measure_costs), one
+hidden state's gloo transfer measured between two local processes, and this machine's capacity for concurrent
+processes (two busy 1-thread processes at once vs one alone, measured in every round: the cores may be shared)
+give the predicted denoising time on N = 1-3 ranks, beside the median measured `render_video` time.
+
 Sources: H100 throughputs measured by scripts/gpu_check.py (issue 14: 421 TFLOP/s per block-step, 527 TFLOP/s
 full sequence at 121 latent frames; decode + write 14.66 s for 237 frames, peak 14.04 GiB at N = 1, used to
 calibrate the memory the terms below do not count). RTX 4090: the same 53% of its dense bf16 peak (165 TFLOP/s)
@@ -246,9 +251,42 @@ def _ping(rank: int, store: str, size: int, result) -> None:
     dist.destroy_process_group()
 
 
+def _busy(seconds_out, work: int) -> None:
+    import time
+
+    import torch
+
+    torch.set_num_threads(1)
+    x = torch.randn(192, 192)
+    start = time.perf_counter()
+    for _ in range(work):
+        x = torch.tanh(x @ x)
+    seconds_out.put(time.perf_counter() - start)
+
+
+def capacity(rounds: int, work: int = 1500) -> float:
+    """How many single processes' worth of compute two busy 1-thread processes get here now: 2 x (time alone /
+    time each when both run). 2 on two idle cores; less when other jobs share the machine."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    alone, together = [], []
+    for _ in range(rounds):
+        for n, out in ((1, alone), (2, together)):
+            queue = ctx.Queue()
+            procs = [ctx.Process(target=_busy, args=(queue, work)) for _ in range(n)]
+            for p in procs:
+                p.start()
+            out.append(statistics.mean(queue.get(timeout=300) for _ in procs))
+            for p in procs:
+                p.join()
+    return 2 * statistics.median(alone) / statistics.median(together)
+
+
 def validate(rounds: int, tiny: bool) -> dict:
-    """Measure the bench model's costs here, predict N = 1-3 (stages sharing this machine's cores when N
-    exceeds them), render the same video on N = 1-3 ranks x 1 thread, and compare."""
+    """Measure the bench model's costs here, predict N = 1-3, render the same video on N = 1-3 ranks x 1 thread,
+    and compare. With N > 1 busy ranks the stages run at the machine's measured capacity for concurrent
+    processes (`capacity`: below N when the ranks outnumber the cores or other jobs share them)."""
     import os
 
     from parallel_infer.api import render_video
@@ -276,14 +314,17 @@ def validate(rounds: int, tiny: bool) -> dict:
     cores = len(os.sched_getaffinity(0))
     ranks = (1, 2) if tiny else (1, 2, 3)
     measured = {n: [] for n in ranks}
+    capacities = []
     for r in range(rounds):  # interleaved: the machine may be shared
+        capacities.append(capacity(1, work=150 if tiny else 1500))
         for n in ranks:
             rec = render_video(model_dir, "a cat runs", tmp / f"v{n}-{r}.mp4", frames=frames, ranks=n, threads=1, **video)
             measured[n].append(rec["timings_s"]["denoise"])
+    two = statistics.median(capacities)
     rows = []
     for n in ranks:
         sizes = costs.split(model["layers"], n, 0)
-        share = max(1.0, n / cores)  # more ranks than cores: each busy stage gets cores / n of a core
+        share = max(1.0, n / min(two, cores)) if n > 1 else 1.0  # each busy stage's slice of the machine
         extras = costs.extras(n, 0)
         stage = [share * (k * costs.layer + e) for k, e in zip(sizes, extras)]
         predicted = simulate(blocks, video["steps"], stage, link if n > 1 else 0.0, fixed if n > 1 else 0.0)
@@ -291,6 +332,7 @@ def validate(rounds: int, tiny: bool) -> dict:
         rows.append({"ranks": n, "layer_split": list(sizes), "predicted_s": predicted, "measured_s": median,
                      "measured_all_s": measured[n], "error": predicted / median - 1})
     return {"model": model, "video": video, "blocks": blocks, "cores": cores, "rounds": rounds,
+            "capacity_of_two_processes": two, "capacity_all": capacities,
             "costs_ms": costs.as_ms(), "link_ms_per_hidden": link * 1e3, "link_fixed_ms": fixed * 1e3,
             "rows": rows, "max_abs_error": max(abs(r["error"]) for r in rows), "load_average": os.getloadavg()}
 
@@ -315,7 +357,8 @@ def main(argv=None) -> int:
     print_prediction(result["prediction"])
     if "validation" in result:
         v = result["validation"]
-        print(f"validation on {v['cores']} CPU cores, {v['blocks']} blocks x {v['video']['steps']} steps, costs (ms/block-step) "
+        print(f"validation on {v['cores']} CPU cores (two busy processes get {v['capacity_of_two_processes']:.2f}x one), "
+              f"{v['blocks']} blocks x {v['video']['steps']} steps, costs (ms/block-step) "
               f"{ {k: round(x, 3) for k, x in v['costs_ms'].items()} }, link {v['link_ms_per_hidden']:.3f} ms")
         for row in v["rows"]:
             print(f"  N={row['ranks']} split {row['layer_split']}: predicted {row['predicted_s']:.3f} s, "
