@@ -15,7 +15,9 @@ import torch.multiprocessing as mp
 
 from ddm.io import output_lock
 from parallel_infer.batch import Request, Video, check_request, run_rank
+from parallel_infer.layer_split import parse_layer_split
 from parallel_infer.render import Progress, VideoSettings, owned_sidecar
+from parallel_infer.topology import ParallelOptions
 
 
 def render_video(
@@ -29,18 +31,28 @@ def render_video(
     threads: int | None = None,
     timeout: float = 60.0,
     progress_callback: Progress | None = None,
+    layer_split: str | tuple[int, ...] | None = None,
+    cfg_parallel: bool = False,
+    decode_on: str = "first",
+    decode_thread: bool = True,
     **settings,
 ) -> dict:
     """Render `prompt` to the MP4 `out_path` (+ a `.json` sidecar beside it) and return the sidecar dict.
 
     `settings` are the fields of `VideoSettings` (fps, height, width, steps, block, cat, cfg, flow_shift, seed,
     negative_prompt, feature_cache, coordinated_noise). `progress_callback(blocks_done, blocks)` is called
-    as each block is written. `threads` sets torch's thread count in this process and each worker.
+    as each block is written (with `decode_on="last"` and ranks > 1 a worker decodes, and it is not called).
+    `threads` sets torch's thread count in this process and each worker. Placement (the video is the same):
+    `layer_split` ("auto"/None: balanced by measured cost, or "14,16" / (14, 16) layers per stage),
+    `cfg_parallel` (two rank groups, conditional and unconditional), `decode_on` ("first" or "last" rank),
+    `decode_thread` (decode beside denoising; False: inline, on the critical path).
     Every setting is checked (UsageError) before any weight loads or process starts, as the CLI checks it.
     """
     video = VideoSettings(frames=frames, seconds=seconds, **settings)
     out_path = Path(out_path)
-    request = check_request(model_dir, video, [Video(prompt, video.seed, out_path)], ranks, timeout, threads)
+    split = parse_layer_split(layer_split) if isinstance(layer_split, str) else layer_split
+    options = ParallelOptions(split, cfg_parallel, decode_on, decode_thread)
+    request = check_request(model_dir, video, [Video(prompt, video.seed, out_path)], ranks, timeout, threads, options)
     owned_sidecar(out_path)  # an MP4 or sidecar there that ddm did not render is never overwritten
     with output_lock(out_path, "video", folder=False):
         return _render(request, ranks, timeout, progress_callback)

@@ -8,10 +8,15 @@ sent between ranks: every rank caches for its own layers.
 
 `FeatureCache` holds the flags every processor of one rank reads; `CachedSelfAttnProcessor` is Wan's
 self-attention (text-to-video) with the cache; `FeatureCache.prepare` sets the flags for one work item.
+
+Two transformers (Wan2.2 A14B): a block attends to block b+1's keys/values only when both ran on the same
+expert; where they straddle the switch the block runs without the look-ahead for that one step (keys of one
+expert's layer mean nothing to the other's; docs/dualparal.md). Slots: the CFG-parallel reference runs the
+conditional and the unconditional branch one after the other in one process, each with its own stored keys.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -43,12 +48,18 @@ class FeatureCache:
         self.context_rotary = context_rotary
         self.use = False
         self.store = False
+        self.slot = 0  # whose keys/values: the branch of the CFG-parallel reference, else always 0
 
-    def prepare(self, item: WorkItem, enabled: bool = True) -> None:
+    def prepare(self, item: WorkItem, enabled: bool = True, experts: Sequence[int] | None = None, slot: int = 0) -> None:
         """Flags for `item`'s forward. The newest block of an iteration has no block b+1 run before it to
-        attend to, and the oldest has no block b-1 after it to store for; `enabled=False` is the ablation."""
-        self.use = enabled and not item.first_in_iteration
-        self.store = enabled and not item.last_in_iteration
+        attend to, and the oldest has no block b-1 after it to store for; `enabled=False` is the ablation.
+        `experts[s]` is the transformer of step s: block b+1 is one step behind b, block b-1 one ahead."""
+        s = item.step
+        same_as_newer = experts is None or s == 0 or experts[s - 1] == experts[s]
+        same_as_older = experts is None or s + 1 >= len(experts) or experts[s + 1] == experts[s]
+        self.use = enabled and not item.first_in_iteration and same_as_newer
+        self.store = enabled and not item.last_in_iteration and same_as_older
+        self.slot = slot
 
 
 class CachedSelfAttnProcessor:
@@ -58,7 +69,7 @@ class CachedSelfAttnProcessor:
 
     def __init__(self, cache: FeatureCache):
         self.cache = cache
-        self.key = self.value = None  # block b+1's context keys (already rotated) and values
+        self.stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> block b+1's context keys (rotated), values
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
@@ -72,10 +83,11 @@ class CachedSelfAttnProcessor:
         query = apply_rotary(query, *rotary_emb)
         key = apply_rotary(key, *rotary_emb)
         if cache.use:
-            key = torch.cat([key, self.key], dim=1)
-            value = torch.cat([value, self.value], dim=1)
+            cached_key, cached_value = self.stored[cache.slot]
+            key = torch.cat([key, cached_key], dim=1)
+            value = torch.cat([value, cached_value], dim=1)
         if cache.store:
-            self.key, self.value = stored_key, stored_value
+            self.stored[cache.slot] = stored_key, stored_value
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))

@@ -1,7 +1,9 @@
 """What `--model DIR` accepts, read by one loader.
 
-(a) A diffusers Wan folder (e.g. a local `Wan2.1-T2V-1.3B-Diffusers`):
+(a) A diffusers Wan folder (e.g. a local `Wan2.1-T2V-1.3B-Diffusers`, `Wan2.2-T2V-A14B-Diffusers` or
+    `Wan2.2-TI2V-5B-Diffusers`; what Wan2.2 adds is read by wan22.py):
       transformer/               WanTransformer3DModel (required)
+      transformer_2/             the low-noise expert, when model_index.json names it (with boundary_ratio)
       vae/                       AutoencoderKLWan; absent = pixel space (channels are pixels in [-1, 1])
       text_encoder/ + tokenizer/ UMT5EncoderModel + its tokenizer, or instead
       prompt_embeds.safetensors  precomputed embeddings: tensor "i" [L, D] is the embedding of line i of
@@ -24,10 +26,11 @@ import torch
 
 from ddm import UsageError, first_line
 from ddm.io import load_pretrained, verify_owned
+from parallel_infer import wan22
 
 TEXT_TOKENS = 512  # Wan's text length: UMT5 output padded with zeros to this many tokens
 DEFAULT_FLOW_SHIFT = 3.0  # Wan2.1 T2V at 480p
-DEFAULT_SIZE = (480, 832)  # Wan2.1 T2V 1.3B resolution, pixels
+DEFAULT_SIZE = wan22.WAN21_SIZE  # Wan2.1 T2V 1.3B resolution, pixels
 
 
 def _read_json(path: Path) -> dict | list:
@@ -54,6 +57,7 @@ class ModelInfo:
     known_prompts: list[str] | None = None  # precomputed embeddings: the prompts they cover
     vocabulary: list[str] | None = None  # our prompt encoder: the words it knows
     max_words: int | None = None  # our prompt encoder: the longest prompt it takes
+    boundary_ratio: float | None = None  # Wan2.2 A14B: transformer_2 below this fraction of the timesteps
 
     def check_prompts(self, prompts: list[str]) -> None:
         """UsageError for a prompt this model cannot encode, found from JSON before anything loads."""
@@ -124,9 +128,12 @@ def inspect_model(path: str | Path) -> ModelInfo:
         raise UsageError(f"{path}: no prompt encoder: need text_encoder/ + tokenizer/, or prompt_embeds.safetensors + prompts.json")
     if vae is None and config["in_channels"] not in (1, 3):
         raise UsageError(f"{path}: no vae/ and {config['in_channels']} channels: a pixel-space model needs 1 or 3")
+    if vae is not None and vae.get("z_dim", config["in_channels"]) != config["in_channels"]:
+        raise UsageError(f"{path}: the VAE has {vae['z_dim']} latent channels, the transformer {config['in_channels']}")
     shift = (scheduler or {}).get("shift") or (scheduler or {}).get("flow_shift") or DEFAULT_FLOW_SHIFT
     return ModelInfo(path, "diffusers", config["num_layers"], config["in_channels"], tuple(config["patch_size"]),
-                     vae=vae, scheduler=scheduler, flow_shift=shift, prompts=prompts, known_prompts=known)
+                     vae=vae, scheduler=scheduler, flow_shift=shift, size=wan22.default_size(vae), prompts=prompts,
+                     known_prompts=known, boundary_ratio=wan22.read_experts(path, config))
 
 
 def _transformer_config(path: Path) -> dict:
@@ -150,11 +157,17 @@ class VideoModel:
     encode_prompts: Callable[[list[str]], torch.Tensor]  # prompts -> [B, L, D]
     vae: torch.nn.Module | None = None
     scheduler_config: dict | None = field(default=None)
+    transformer_2: torch.nn.Module | None = None  # Wan2.2 A14B's low-noise expert
+
+    @property
+    def boundary_timestep(self) -> float | None:
+        return wan22.boundary_timestep(self.info.boundary_ratio, self.scheduler_config)
 
 
-def load_model(info: ModelInfo, device=None, dtype=torch.float32, load_vae: bool = True) -> VideoModel:
-    """The transformer (and, when asked, the VAE) in eval mode, and a prompt encoder function."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+def load_model(info: ModelInfo, device=None, dtype=torch.float32, load_vae: bool = True, layers: range | None = None) -> VideoModel:
+    """The transformer(s) (and, when asked, the VAE) in eval mode, and a prompt encoder function.
+    `layers`: keep only these transformer layers (a rank's slice; the others never reach `device`)."""
+    from diffusers import AutoencoderKLWan
 
     path = info.path
     if info.kind == "expert":
@@ -165,7 +178,8 @@ def load_model(info: ModelInfo, device=None, dtype=torch.float32, load_vae: bool
         verify_owned(path / "prompt_encoder", "prompt encoder")
         encoder = _load(PromptEncoder, path / "prompt_encoder").to(device).eval()
         return VideoModel(info, transformer, _no_grad(encoder.encode))
-    transformer = _load(WanTransformer3DModel, path, subfolder="transformer", torch_dtype=dtype).to(device).eval()
+    transformer = _load_transformer(path, "transformer", device, dtype, layers)
+    second = _load_transformer(path, "transformer_2", device, dtype, layers) if info.boundary_ratio is not None else None
     vae = None
     if info.vae is not None and load_vae:  # the VAE decodes in float32: it is small and sensitive
         vae = _load(AutoencoderKLWan, path, subfolder="vae", torch_dtype=torch.float32).to(device).eval()
@@ -173,7 +187,19 @@ def load_model(info: ModelInfo, device=None, dtype=torch.float32, load_vae: bool
         encode = _umt5_encoder(path, device, dtype)
     else:
         encode = _precomputed_embeddings(path)
-    return VideoModel(info, transformer.requires_grad_(False), encode, vae, info.scheduler)
+    return VideoModel(info, transformer, encode, vae, info.scheduler, second)
+
+
+def _load_transformer(path: Path, subfolder: str, device, dtype: torch.dtype, layers: range | None) -> torch.nn.Module:
+    """Loaded on the CPU, cut to `layers`, then moved: a rank's device only ever holds its own slice."""
+    from diffusers import WanTransformer3DModel
+
+    from parallel_infer.wan_adapter import keep_layers
+
+    model = _load(WanTransformer3DModel, path, subfolder=subfolder, torch_dtype=dtype)  # safetensors only
+    if layers is not None:
+        keep_layers(model, layers)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _load(cls, path: Path, **kwargs):

@@ -2,7 +2,8 @@
 
 `plan_video` turns what a user asks for (frames or seconds, fps, size, steps, block, cat, ...) into the
 DualParal latent layout and raises UsageError for anything that cannot work, before any process starts.
-`Renderer` runs on every rank; rank 0 decodes blocks as they leave the queue and streams them to disk.
+`Renderer` runs on every rank; the decode rank (topology.py) decodes blocks as they leave the queue and streams
+them to disk (block_writer.py), rank 0 returns the sidecar.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -18,11 +20,12 @@ import torch
 from ddm import UsageError
 from ddm.checks import check_range
 from ddm.io import sha256_file
+from parallel_infer.block_writer import BlockWriter
 from parallel_infer.config import DualParalConfig, latent_frames_covering
-from parallel_infer.layer_split import split_layers
-from parallel_infer.loader import ModelInfo, VideoModel
 from parallel_infer.layer_pipeline import run_layer_pipeline
+from parallel_infer.loader import ModelInfo, VideoModel
 from parallel_infer.stream import FrameDecoder, Mp4Stream
+from parallel_infer.topology import Topology
 from parallel_infer.wan_adapter import WanAdapter
 
 Progress = Callable[[int, int], None]  # (blocks done, blocks in the video)
@@ -60,13 +63,12 @@ class Plan:
         return {**self.config.to_dict(), "video_frames": self.frames, "height": self.height, "width": self.width}
 
 
-def plan_video(info: ModelInfo, settings: VideoSettings, ranks: int = 1) -> Plan:
+def plan_video(info: ModelInfo, settings: VideoSettings) -> Plan:
     """Check every setting against the model (JSON only) and fix the latent layout."""
     if (settings.frames is None) == (settings.seconds is None):
         raise UsageError("give exactly one of --frames or --seconds")
     if not isinstance(settings.fps, int) or settings.fps <= 0:
         raise UsageError(f"fps must be a positive integer, got {settings.fps!r}")
-    split_layers(info.num_layers, ranks)
     height, width = settings.height or info.size[0], settings.width or info.size[1]
     latent_size = info.latent_size(height, width)
     if settings.seconds is not None:
@@ -133,55 +135,63 @@ def complete_sidecar(video: Path, settings: dict) -> bool:
 class Renderer:
     """One rank's renderer for a batch of videos sharing one plan (the model loads once)."""
 
-    def __init__(self, model: VideoModel, plan: Plan, settings: VideoSettings, timeout: float = 60.0):
+    def __init__(self, model: VideoModel, plan: Plan, settings: VideoSettings, timeout: float = 60.0,
+                 topology: Topology | None = None, decode_thread: bool = True):
         self.model, self.plan, self.settings, self.timeout = model, plan, settings, timeout
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.topology = topology or Topology.even(model.info.num_layers, world)
+        self.decode_thread = decode_thread
         config = plan.config
-        self.adapter = WanAdapter(model.transformer, config.block + config.cat, config.cat, *plan.latent_size)
+        self.adapter = WanAdapter(model.transformer, config.block + config.cat, config.cat, *plan.latent_size,
+                                  model_2=model.transformer_2, boundary_timestep=model.boundary_timestep)
 
     def render(self, prompt: str, seed: int, out: Path | None, progress: Progress | None = None) -> dict | None:
-        """Render on every rank; rank 0 (the one given `out`) writes the MP4 and returns the sidecar dict."""
+        """Render on every rank; the decode rank writes the MP4 `out`, rank 0 returns the sidecar dict.
+        `progress(blocks written, blocks)` is called on the decode rank."""
         config = replace(self.plan.config, seed=seed)
         start = time.perf_counter()
         prompts = [prompt, self.settings.negative_prompt] if config.guided else [prompt]
         embeds = self.model.encode_prompts(prompts)
         encoded = time.perf_counter()
-        decode_seconds = 0.0
-        stream = decoder = None
-        if out is not None:
-            decoder = FrameDecoder(self.model.vae)
+        writer = None
+        if out is not None and self.rank == self.topology.decode_rank:
             stream = Mp4Stream(out, self.settings.fps, self.plan.height, self.plan.width, limit=self.plan.frames)
-
-        def on_block(block: int, latent: torch.Tensor) -> None:
-            nonlocal decode_seconds
-            t = time.perf_counter()
-            stream.write(decoder.decode(latent))
-            decode_seconds += time.perf_counter() - t
-            if progress is not None:
-                progress(block + 1, config.num_blocks)
-
+            on_written = (lambda block: progress(block + 1, config.num_blocks)) if progress else None
+            writer = BlockWriter(FrameDecoder(self.model.vae), stream, self.decode_thread, on_written)
         try:
-            total_bytes = run_layer_pipeline(self.adapter, config, embeds, on_block if out else None, self.model.scheduler_config, self.timeout)
-            if stream is not None:
-                stream.close()
+            total_bytes = run_layer_pipeline(self.adapter, config, embeds, writer.put if writer else None,
+                                             self.model.scheduler_config, self.timeout, self.topology)
+            denoised = time.perf_counter()
+            decode = writer.close() if writer else {"decode_write": 0.0, "decode_tail": 0.0}
         except BaseException:
-            if stream is not None:
-                stream.abort()
+            if writer is not None:
+                writer.abort()
             raise
         done = time.perf_counter()
-        if out is None:
+        report = [writer.stream.written if writer else 0, decode["decode_write"], decode["decode_tail"]]
+        if self.topology.decode_rank != 0:  # rank 0 writes the sidecar: the decode rank's figures come to it
+            shared = torch.tensor(report, dtype=torch.float64, device=self.adapter.device)
+            torch.distributed.all_reduce(shared, async_op=True).wait(timedelta(seconds=self.timeout))
+            report = shared.tolist()
+        if out is None or self.rank != 0:
             return None
+        written, decode_write, decode_tail = report
+        inline = decode_write if self.topology.decode_rank == 0 and not self.decode_thread else 0.0
         block_steps = config.num_blocks * config.steps
         return {
             "settings": settings_record(self.model.info, self.plan, self.settings, prompt, seed),
             "sha256": sha256_file(out),  # eval-video and a re-run check the MP4 against it
-            "ranks": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+            "ranks": self.topology.world,
+            "parallel": {**self.topology.describe(), "decode_thread": self.decode_thread},
             "device": str(self.adapter.device),
             "dtype": str(self.adapter.dtype).removeprefix("torch."),
-            "frames_written": stream.written,
-            "timings_s": {"encode_prompt": encoded - start, "denoise": done - encoded - decode_seconds,
-                          "decode_write": decode_seconds, "total": done - start},
+            "frames_written": int(written),
+            # denoise: rank 0 in the layer pipeline, less its own inline decoding; decode_tail: after the
+            # pipeline, waiting for the decoder's last block (0 when decoding kept up)
+            "timings_s": {"encode_prompt": encoded - start, "denoise": denoised - encoded - inline,
+                          "decode_write": decode_write, "decode_tail": decode_tail, "total": done - start},
             "bytes_sent": total_bytes,
             "block_steps": block_steps,
             "bytes_sent_per_block_step": total_bytes / block_steps,
         }
-

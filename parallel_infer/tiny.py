@@ -3,6 +3,9 @@
 They have the layout of a local `Wan2.1-T2V-1.3B-Diffusers` folder (see loader.py), so they load through
 the same code path: transformer/, optionally vae/ (a tiny AutoencoderKLWan), and either a tiny UMT5
 text_encoder/ + tokenizer/ (a word-level tokenizer built here) or prompt_embeds.safetensors + prompts.json.
+Two Wan2.2 layouts (wan22.py): "a14b" adds transformer_2/ (other random weights) and a model_index.json with
+its boundary_ratio; "ti2v" has TI2V-5B's VAE design (patch size 2, 48 latent channels, spatial factor 16,
+temporal factor 4) and a 48-channel transformer.
 """
 from __future__ import annotations
 
@@ -32,17 +35,32 @@ def write_tiny_model(
     prompts: tuple[str, ...] = ("a cat runs", ""),
     text_tokens: int = 8,
     seed: int = 0,
+    layout: str = "wan2.1",
+    boundary_ratio: float = 0.875,
     **transformer_kwargs,
 ) -> Path:
-    """A model folder with random weights. Pixel space (3 channels) unless `vae`."""
+    """A model folder with random weights. Pixel space (3 channels) unless `vae` (always for "ti2v")."""
     from safetensors.torch import save_file
 
     path = Path(path)
     torch.manual_seed(seed)
     text_dim = transformer_kwargs.pop("text_dim", 16)
-    channels = 4 if vae else 3
+    channels = 48 if layout == "ti2v" else 4 if vae else 3
     tiny_transformer(layers, channels, text_dim, **transformer_kwargs).save_pretrained(path / "transformer")
-    if vae:
+    if layout == "a14b":
+        tiny_transformer(layers, channels, text_dim, **transformer_kwargs).save_pretrained(path / "transformer_2")
+        index = {"_class_name": "WanPipeline", "boundary_ratio": boundary_ratio,
+                 "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": ["diffusers", "WanTransformer3DModel"]}
+        (path / "model_index.json").write_text(json.dumps(index))
+    if layout == "ti2v":
+        from diffusers import AutoencoderKLWan
+
+        AutoencoderKLWan(
+            base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+            temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+            latents_mean=[0.0] * 48, latents_std=[1.0] * 48, scale_factor_temporal=4, scale_factor_spatial=16,
+        ).save_pretrained(path / "vae")
+    elif vae:
         from diffusers import AutoencoderKLWan
 
         AutoencoderKLWan(

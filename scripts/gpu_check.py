@@ -1,12 +1,17 @@
-"""Block-wise (DualParal) vs full-sequence Wan forwards on one GPU: latency, peak memory, achieved TFLOP/s.
+"""DualParal on one GPU: block-wise vs full-sequence Wan forwards, and the real render path with the decode on and
+off the critical path.
 
   python scripts/gpu_check.py            Wan2.1-T2V-1.3B shapes, random weights, bf16, 480x832, CFG batch 2
-  python scripts/gpu_check.py --tiny     the same code path on CPU with a tiny config (a smoke test)
+  python scripts/gpu_check.py --tiny     the same code paths on CPU with tiny configs (a smoke test; in the tests)
 
-Block-wise: one block-step = one forward of block + cat latent frames that also attends to the cat cached
-frames of the next block (the feature cache); a denoising step of the whole video costs num_blocks of them,
-and its memory does not depend on the video length. Full-sequence: one forward over all latent frames
-(what plain Wan or sequence parallelism runs per step), until it no longer fits.
+Forwards: one block-step = one forward of block + cat latent frames that also attends to the cat cached frames of
+the next block (the feature cache); a denoising step of the whole video costs num_blocks of them, and its memory
+does not depend on the video length. Full-sequence: one forward over all latent frames (what plain Wan or
+sequence parallelism runs per step), until it no longer fits. Latency, peak memory, achieved TFLOP/s.
+Render: a random-weight Wan2.1-1.3B diffusers folder (transformer, Wan VAE, precomputed prompt embeddings) is
+written to a temporary folder and rendered by `render_video` at 77 and 237 frames, 4 steps, block 8, cat 4, with
+the decode inline (on the critical path) and in its thread on its own CUDA stream: wall, denoise, decode + write,
+the wait after the last step, peak memory. Runs that would start after --budget seconds are skipped.
 """
 from __future__ import annotations
 
@@ -70,7 +75,63 @@ def exactness_on(device: torch.device, dtype: torch.dtype) -> bool:
     return torch.equal(*outputs)
 
 
-def main() -> None:
+def write_random_wan(path, model_config: dict, device: torch.device, tiny: bool):
+    """A diffusers Wan folder with random weights: transformer (bf16 on GPU), Wan VAE, two prompt embeddings."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    from parallel_infer.tiny import write_tiny_model
+
+    if tiny:
+        return write_tiny_model(path, layers=model_config["num_layers"], vae=True, prompts=("a cat runs", ""))
+    path = Path(path)
+    torch.manual_seed(0)
+    with torch.device(device):
+        WanTransformer3DModel(**model_config).to(torch.bfloat16).save_pretrained(path / "transformer")
+        AutoencoderKLWan().save_pretrained(path / "vae")  # diffusers' defaults are the Wan2.1 VAE
+    embeds = {str(i): torch.randn(length, model_config["text_dim"]) for i, length in enumerate((26, 1))}
+    save_file(embeds, path / "prompt_embeds.safetensors")
+    (path / "prompts.json").write_text(json.dumps(["a cat runs", ""]))
+    return path
+
+
+def render_rows(model_config: dict, device: torch.device, tiny: bool, budget: float, started: float) -> list[dict]:
+    """The real path: render_video on a random folder, the decode inline and in its thread, two lengths."""
+    import tempfile
+    from pathlib import Path
+
+    from parallel_infer.api import render_video
+
+    size = dict(height=32, width=32) if tiny else dict(height=480, width=832)
+    lengths = (11, 27) if tiny else (77, 237)  # tiny VAE: temporal factor 2
+    rows = []
+    block, cat = (4, 2) if tiny else (8, 4)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        folder = write_random_wan(Path(tmp) / "wan", model_config, device, tiny)
+        # warm-up (CUDA context, cuDNN's choices for the VAE's convolutions), not timed
+        render_video(folder, "a cat runs", Path(tmp) / "w.mp4", frames=lengths[0], steps=1, block=block, cat=cat, **size)
+        for frames in lengths:
+            for decode_thread in (False, True):
+                name = f"{frames} frames, decode {'thread' if decode_thread else 'inline'}"
+                if time.perf_counter() - started > budget:
+                    rows.append({"run": name, "skipped": f"past the {budget:g} s budget"})
+                    continue
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                record = render_video(folder, "a cat runs", Path(tmp) / "v.mp4", frames=frames, steps=4, block=block, cat=cat,
+                                      decode_thread=decode_thread, **size)
+                t = record["timings_s"]
+                wall = t["total"]  # prompt embedding, denoising, and the decode (inline) or the wait for it (thread)
+                rows.append({"run": name, "frames": record["frames_written"], "wall_s": wall, "denoise_s": t["denoise"],
+                             "decode_write_s": t["decode_write"], "decode_tail_s": t["decode_tail"], "load_s": t["load"],
+                             "wall_over_denoise": wall / t["denoise"],
+                             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
     from diffusers import WanTransformer3DModel
 
     from parallel_infer.config import DualParalConfig
@@ -85,7 +146,9 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", help="latent frames of the full-sequence runs")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="also write the table as JSON here")
-    args = p.parse_args()
+    p.add_argument("--budget", type=float, default=420.0, help="seconds: later render runs are skipped")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
 
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -116,10 +179,10 @@ def main() -> None:
 
     @torch.inference_mode()
     def block_step():
-        return forward_window(adapter, config, cond, middle, latents)
+        return forward_window(adapter, config, [cond], middle, latents)
 
     with torch.inference_mode():
-        forward_window(adapter, config, cond, newest, latents)  # fills the cache the middle block reads
+        forward_window(adapter, config, [cond], newest, latents)  # fills the cache the middle block reads
     seconds, peak = timed(block_step, device, args.repeats)
     tokens = window * tokens_per_frame
     flops = analytic_flops(model_config, tokens, tokens + args.cat * tokens_per_frame, text_tokens, 2)
@@ -159,9 +222,22 @@ def main() -> None:
         print(f"{r['mode']:<14} {r['latent_frames']:>8} {r['tokens']:>8} {r['seconds']:>10.3f} {r['peak_gib']:>9.2f} {r['tflops']:>8.1f} {extra}")
     exact = exactness_on(device, dtype)
     print(f"layer pipeline (1 rank) == reference on {device.type} {dtype}: {exact}")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    renders = render_rows(TINY if args.tiny else WAN_1_3B, device, args.tiny, args.budget, started)
+    print(f"render_video, 4 steps: {'run':<28} {'frames':>6} {'wall s':>7} {'denoise s':>9} {'decode+write s':>14} "
+          f"{'tail s':>7} {'wall/denoise':>12} {'peak GiB':>8}")
+    for r in renders:
+        if "skipped" in r:
+            print(f"{'':<22}{r['run']:<28} skipped: {r['skipped']}")
+            continue
+        print(f"{'':<22}{r['run']:<28} {r['frames']:>6} {r['wall_s']:>7.2f} {r['denoise_s']:>9.2f} {r['decode_write_s']:>14.2f} "
+              f"{r['decode_tail_s']:>7.2f} {r['wall_over_denoise']:>12.2f} {r['peak_gib']:>8.2f}")
+    print(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "params": params, "rows": rows, "layer_pipeline_equals_reference": exact}, f, indent=2)
+            json.dump({"device": name, "params": params, "rows": rows, "layer_pipeline_equals_reference": exact,
+                       "render": renders}, f, indent=2)
 
 
 if __name__ == "__main__":

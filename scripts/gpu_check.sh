@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# DualParal on one lent GPU (about 10 minutes): block-wise vs full-sequence Wan2.1-1.3B forwards (random
+# DualParal on one lent GPU (under 8 minutes): block-wise vs full-sequence Wan2.1-1.3B forwards (random
 # weights, bf16, 480x832, CFG batch 2) as the video grows: latency, peak memory, achieved TFLOP/s per
-# block-step; then the same engine's N=1 layer pipeline against the reference on the GPU (bit for bit).
+# block-step; then the same engine's N=1 layer pipeline against the reference on the GPU (bit for bit); then the
+# real path: render_video on a random Wan2.1-1.3B folder at 77 and 237 frames, decode inline vs in its thread.
 # Usage: bash scripts/gpu_check.sh [output dir]   (the table is also saved there as gpu_check.json / .log)
 set -euo pipefail
 cd "$(dirname "$0")/.."

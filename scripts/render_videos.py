@@ -3,6 +3,8 @@ r"""Render one MP4 (+ JSON sidecar) per prompt line with DualParal, on N ranks o
   torchrun --nproc_per_node N scripts/render_videos.py --model DIR --prompts prompts.txt \
       (--frames F | --seconds S) [--fps 16] [--steps 50] [--block 8] [--cat 4] [--cfg 5.0] [--seed S] --out DIR
   python scripts/render_videos.py ...   (the same, as one process)
+  torchrun --nnodes 2 --node-rank I --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+      scripts/render_videos.py ...      (two machines; see docs/dualparal.md)
 
 Video i gets seed S + i and the name NNNN-<prompt>.mp4. A video whose MP4 and sidecar already exist with the
 same settings is skipped, so a re-run finishes a batch; files are written under a temp name and renamed.
@@ -46,11 +48,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--independent-noise", action="store_true", help="ablation: i.i.d. noise per block")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a rank may stay silent while rendering before it is an error")
     p.add_argument("--threads", type=int, help="torch threads per process (default: torch's)")
+    place = p.add_argument_group("placement across ranks (the video is the same)")
+    place.add_argument("--layer-split", default="auto",
+                       help="layers per pipeline stage, e.g. 14,16; auto: balanced by the costs rank 0 measures")
+    place.add_argument("--cfg-parallel", action="store_true",
+                       help="two rank groups run the conditional and the unconditional branch (even rank count, --cfg != 1)")
+    place.add_argument("--decode-on", choices=["first", "last"], default="first", help="the rank that decodes and writes the MP4")
+    place.add_argument("--decode-inline", action="store_true",
+                       help="decode on the denoising thread (default: a decode thread beside it, its own CUDA stream on GPU)")
 
 
 def run(args: argparse.Namespace) -> int:
     from parallel_infer.batch import render_prompt_file
+    from parallel_infer.layer_split import parse_layer_split
     from parallel_infer.render import VideoSettings
+    from parallel_infer.topology import ParallelOptions
 
     settings = VideoSettings(
         frames=args.frames, seconds=args.seconds, fps=args.fps, height=args.height, width=args.width, steps=args.steps,
@@ -58,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, feature_cache=not args.no_feature_cache,
         coordinated_noise=not args.independent_noise,
     )
-    render_prompt_file(args.model, args.prompts, args.out, settings, timeout=args.timeout, threads=args.threads)
+    options = ParallelOptions(parse_layer_split(args.layer_split), args.cfg_parallel, args.decode_on, not args.decode_inline)
+    render_prompt_file(args.model, args.prompts, args.out, settings, timeout=args.timeout, threads=args.threads, options=options)
     return 0
 
 

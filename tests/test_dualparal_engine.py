@@ -8,7 +8,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ddm import UsageError
 from parallel_infer.config import DualParalConfig
-from parallel_infer.layer_split import split_layers
+from parallel_infer.layer_split import balanced_split, split_layers
 from parallel_infer.layer_pipeline import guide, run_reference
 from parallel_infer.noise import NoiseSource
 from parallel_infer.queue import work_items
@@ -57,6 +57,41 @@ def test_layer_split_is_contiguous_with_the_remainder_on_the_lowest_ranks():
     assert [list(r) for r in split_layers(5, 3)] == [[0, 1], [2, 3], [4]]
     with pytest.raises(UsageError, match="4 ranks but the model has only 3 layers"):
         split_layers(3, 4)
+
+
+def test_balanced_split_minimises_the_slowest_stage():
+    import itertools
+
+    assert balanced_split(8, 1.0, [0.5, 0.0]) == (4, 4)  # half a layer of extra work: not worth a layer
+    assert balanced_split(8, 1.0, [2.5, 0.0]) == (3, 5)
+    for layers, extras in [(30, [3.2, 0.0, 0.0, 1.1]), (9, [0.4, 2.0, 0.7]), (12, [5.0, 0.1])]:
+        best = min(max(n + e for n, e in zip(sizes, extras))
+                   for sizes in itertools.product(range(1, layers + 1), repeat=len(extras)) if sum(sizes) == layers)
+        sizes = balanced_split(layers, 1.0, extras)
+        assert sum(sizes) == layers and min(sizes) >= 1
+        assert max(n + e for n, e in zip(sizes, extras)) == pytest.approx(best), (layers, extras, sizes)
+
+
+def test_topology_roles_with_cfg_parallel_groups():
+    from parallel_infer.topology import Topology
+
+    t = Topology((3, 2), groups=2, decode_on="last")
+    assert t.world == 4 and [t.group(r) for r in range(4)] == [0, 0, 1, 1]
+    assert [list(t.layers(r)) for r in range(4)] == [[0, 1, 2], [3, 4], [0, 1, 2], [3, 4]]
+    assert (t.entry(1), t.head(0), t.head(1), t.decode_rank) == (2, 1, 3, 3)
+    assert Topology.even(5, 3).sizes == (2, 2, 1) and Topology.even(5, 2, decode_on="first").decode_rank == 0
+
+
+def test_feature_cache_is_not_shared_across_an_expert_switch():
+    """Wan2.2 A14B: block b reads block b+1's keys only when both steps ran on the same transformer."""
+    from parallel_infer.feature_cache import FeatureCache
+    from parallel_infer.queue import WorkItem
+
+    cache, experts = FeatureCache(slice(0, 1), (None, None)), [0, 0, 1, 1]
+    middle = dict(iteration=5, block=3, first_in_iteration=False, last_in_iteration=False)
+    for step, use, store in [(1, True, False), (2, False, True), (3, True, True)]:
+        cache.prepare(WorkItem(step=step, **middle), True, experts)
+        assert (cache.use, cache.store) == (use, store), step
 
 
 def test_schedule_one_step_per_queued_block_newest_first():

@@ -102,17 +102,55 @@ def test_a_damaged_embeddings_file_is_a_usage_error(tmp_path):
         inspect_model(model_dir)
 
 
-def test_streaming_vae_decode_matches_one_whole_decode(wan_model):
+class FrameList:
+    """Stands in for Mp4Stream: keeps the frames."""
+
+    def __init__(self):
+        self.frames, self.written, self.closed = [], 0, False
+
+    def write(self, frames):
+        self.frames.append(frames)
+        self.written += len(frames)
+
+    def close(self):
+        self.closed = True
+
+    abort = close
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "thread"])
+def test_streaming_vae_decode_equals_one_whole_decode(wan_model, threaded):
+    """Blocks decoded as they leave the queue (on the denoising thread, or in the writer's thread while later
+    blocks are put) give exactly the frames of one vae.decode of the whole video."""
+    import numpy as np
+
+    from parallel_infer.block_writer import BlockWriter
+
     vae = load_model(inspect_model(wan_model)).vae
     latents = torch.randn(1, 4, 9, 4, 4, generator=torch.Generator().manual_seed(0))
-    decoder = FrameDecoder(vae)
-    streamed = [decoder.decode(latents[:, :, a:b]) for a, b in [(0, 5), (5, 7), (7, 9)]]
-    assert [len(s) for s in streamed] == [1 + 4 * 2, 2 * 2, 2 * 2]  # causal: the first latent frame is one frame
+    decoder, frames = FrameDecoder(vae), FrameList()
+    written = []
+    writer = BlockWriter(decoder, frames, threaded, on_written=written.append)
+    for block, (a, b) in enumerate([(0, 5), (5, 7), (7, 9)]):
+        writer.put(block, latents[:, :, a:b])
+    timings = writer.close()
+    assert frames.closed and written == [0, 1, 2] and timings["decode_write"] > 0
+    assert [len(f) for f in frames.frames] == [1 + 4 * 2, 2 * 2, 2 * 2]  # causal: the first latent frame is one frame
     with torch.inference_mode():
         whole = vae.decode(latents * decoder.std + decoder.mean).sample
     whole = ((whole.clamp(-1, 1)[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
-    diff = abs(torch.from_numpy(whole).int() - torch.from_numpy(__import__("numpy").concatenate(streamed)).int())
-    assert diff.max() <= 1  # float rounding between a per-block and a whole-video 1x1 conv, nothing more
+    assert np.array_equal(np.concatenate(frames.frames), whole)
+
+
+def test_a_failing_decode_thread_is_raised_by_the_writer(wan_model):
+    from parallel_infer.block_writer import BlockWriter
+
+    frames = FrameList()
+    writer = BlockWriter(FrameDecoder(load_model(inspect_model(wan_model)).vae), frames, threaded=True)
+    writer.put(0, torch.randn(1, 3, 2, 4, 4))  # 3 channels: the 4-channel VAE fails
+    with pytest.raises(RuntimeError, match="decoding failed"):
+        writer.close()
+    assert frames.closed  # aborted: Mp4Stream.abort removes the partial file
 
 
 def test_render_video_with_vae_and_text_encoder(wan_model, tmp_path):
@@ -124,7 +162,7 @@ def test_render_video_with_vae_and_text_encoder(wan_model, tmp_path):
     video = iio.imread(out)
     assert video.shape == (27, 32, 32, 3) and record["frames_written"] == 27
     assert json.loads(out.with_suffix(".json").read_text())["settings"]["prompt"] == "a red dog jumps"
-    assert set(record["timings_s"]) == {"load", "encode_prompt", "denoise", "decode_write", "total"}
+    assert set(record["timings_s"]) == {"load", "encode_prompt", "denoise", "decode_write", "decode_tail", "total"}
 
 
 def test_seconds_are_cut_to_fps_times_seconds(pixel_model, tmp_path):
@@ -150,6 +188,25 @@ def test_bad_requests_fail_before_any_work(pixel_model, tmp_path):
         render_video(pixel_model, "a cat runs", out, frames=26, threads=0, **SMALL)
     with pytest.raises(UsageError, match="timeout -1 is out of range"):
         render_video(pixel_model, "a cat runs", out, frames=26, timeout=-1, **SMALL)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(ranks=2, layer_split="2,2"), r"--layer-split 2,2 sums to 4, but the model has 3 layers"),
+        (dict(ranks=2, layer_split="3,0"), r"--layer-split 3,0 gives stage 1 no layers \(0\)"),
+        (dict(ranks=3, layer_split="2,1"), r"--layer-split 2,1 has 2 entries for 3 pipeline stages"),
+        (dict(ranks=2, layer_split="two,one"), r"--layer-split 'two,one': give 'auto' or layers per stage"),
+        (dict(ranks=3, cfg_parallel=True), r"--cfg-parallel needs an even number of ranks .*got 3"),
+        (dict(ranks=2, cfg_parallel=True, cfg=1.0), r"--cfg-parallel needs guidance"),
+        (dict(ranks=8, cfg_parallel=True), r"4 ranks but the model has only 3 layers"),  # 4 stages per group
+        (dict(ranks=2, decode_on="middle"), r"--decode-on 'middle': choose first or last"),
+    ],
+)
+def test_bad_placements_fail_before_any_process_starts(pixel_model, tmp_path, options, message):
+    with pytest.raises(UsageError, match=message):
+        render_video(pixel_model, "a cat runs", tmp_path / "x.mp4", frames=26, **{**SMALL, **options})
     assert not any(tmp_path.iterdir())
 
 
@@ -191,6 +248,8 @@ def test_cli_renders_skips_and_refuses(cli, pixel_model, tmp_path, capsys):
     assert cli.main(args(seed=7)) == 2  # same files, other settings: refused, nothing overwritten
     assert "exists with other settings" in capsys.readouterr().err
     assert cli.main(args(threads=0)) == 2 and "threads must be a positive integer, got 0" in capsys.readouterr().err
+    assert cli.main(args(**{"layer-split": "4"})) == 2
+    assert capsys.readouterr().err.strip() == "error: --layer-split 4 sums to 4, but the model has 3 layers"
     assert cli.main(args(frames=11)) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: 11 latent frames do not fit")
