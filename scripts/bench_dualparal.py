@@ -198,8 +198,8 @@ def report(results: dict, parts: list[str]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", type=Path, default=Path("docs/benchmarks/dualparal.json"))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--json", type=Path, default=Path("docs/benchmarks/dualparal.json"), help="results JSON")
     p.add_argument("--blocks", type=int, default=12, help="blocks in the (a)/(b) video")
     p.add_argument("--rounds", type=int, default=5, help="(a), (e): interleaved rounds per setting; the median counts")
     p.add_argument("--parts", nargs="+", choices=["a", "c", "e"], default=["a", "c", "e"],

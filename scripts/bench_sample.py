@@ -61,17 +61,17 @@ def time_per_image(pipe, labels, steps: int, cfg: float, clock=time.perf_counter
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="small", help="expert size (the router is the default train-router size)")
-    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--k", type=int, default=4, help="number of experts")
     p.add_argument("--n", type=int, default=128, help="images per batch")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--cfg", type=float, default=1.5)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="Euler steps per image")
+    p.add_argument("--cfg", type=float, default=1.5, help="guidance scale (2 rows per image)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the median is reported")
     p.add_argument("--threads", type=int, default=1, help="1: on a shared machine, more threads time the contention, not the work")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="cpu: this process's CPU time (time.process_time), steadier than wall time on a loaded machine")
-    p.add_argument("--json", default=str(ROOT / "docs/benchmarks/sample.json"))
+    p.add_argument("--json", default=str(ROOT / "docs/benchmarks/sample.json"), help="results JSON")
     p.add_argument("--fragment", default=str(ROOT / "docs/BENCHMARKS.md"), help="markdown file whose bench-sample section is replaced")
     args = p.parse_args(argv)
     from ddm.io import atomic_write_json

@@ -102,13 +102,13 @@ def our_trainer(manifest: Path, out: Path, preset: str, batch_size: int, steps: 
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="digits", help="digits, latents (a small cache made here) or a latent directory")
-    p.add_argument("--preset", default="small")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--preset", default="small", help="DiT preset of both loops")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="alternating repeats; the best is reported")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of both loops")
     p.add_argument("--out", default=None, help="default: docs/benchmarks/train.json (train_latents.json on latents)")
     args = p.parse_args()
     if args.steps < 2 * INTERVALS or args.steps % INTERVALS:

@@ -337,12 +337,16 @@ def validate(rounds: int, tiny: bool) -> dict:
             "rows": rows, "max_abs_error": max(abs(r["error"]) for r in rows), "load_average": os.getloadavg()}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default after its help line, and the examples of the docstring kept as written."""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--gpu", choices=sorted(GPUS), default="4090")
+                                formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--gpu", choices=sorted(GPUS), default="4090", help="the GPU the prediction is for")
     p.add_argument("--frames", type=int, default=1025, help="video frames (4n + 1)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of the predicted video")
     p.add_argument("--validate", action="store_true", help="measure N = 1-3 on this CPU and state the model's error")
     p.add_argument("--rounds", type=int, default=3, help="--validate: interleaved rounds, the median counts")
     p.add_argument("--tiny", action="store_true", help="a fast check of every code path (small model, N = 1-2)")

@@ -139,12 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     from parallel_infer.queue import work_items
     from parallel_infer.wan_adapter import WanAdapter
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--block", type=int, default=8)
-    p.add_argument("--cat", type=int, default=4)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="CPU: a tiny model through the same code")
+    p.add_argument("--block", type=int, default=8, help="latent frames per block")
+    p.add_argument("--cat", type=int, default=4, help="context frames")
     p.add_argument("--lengths", type=int, nargs="+", help="latent frames of the full-sequence runs")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement")
     p.add_argument("--json", help="also write the table as JSON here")
     p.add_argument("--budget", type=float, default=420.0, help="seconds: later render runs are skipped")
     args = p.parse_args(argv)

@@ -161,7 +161,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="on the CPU (one thread, CPU-time clock): tiny experts and small "
                                                        "batches unless told otherwise")
     p.add_argument("--preset", default=None, help="expert preset (default small; --tiny: tiny), e.g. --tiny --preset small on a CPU")

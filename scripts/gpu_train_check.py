@@ -143,9 +143,9 @@ def syncs_per_step(manifest: Path, root: Path, preset: str, batch: int, micro: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--presets", nargs="+", default=["DiT-B/2", "DiT-XL/2"])
-    p.add_argument("--batch-size", type=int, default=256)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["DiT-B/2", "DiT-XL/2"], help="DiT presets to measure")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch")
     p.add_argument("--steps", type=int, default=30, help="per measurement; the first fifth is warm-up")
     p.add_argument("--images", type=int, default=1024, help="random images encoded (x2 with their mirror images)")
     p.add_argument("--tiny", action="store_true", help="CPU, tiny DiT on 4x8x8 latents, batch 8, 10 steps")

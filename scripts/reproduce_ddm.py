@@ -207,7 +207,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings for the tests (< 5 min)")
     p.add_argument("--work-dir", default=None, help="manifests, experts and routers (default outputs/reproduce_ddm[_quick])")
     p.add_argument("--json", default=None, help="results JSON (default docs/benchmarks/ddm_reproduce.json; quick: in --work-dir)")
