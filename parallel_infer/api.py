@@ -6,6 +6,7 @@ Every rank runs `parallel_infer.batch.run_rank`, as the ranks of `scripts/render
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parallel_infer.batch import Request, Video, check_request, run_rank
+from parallel_infer.model_settings import describe_sources
 from parallel_infer.render import Progress, VideoSettings
 
 
@@ -33,12 +35,14 @@ def render_video(
     """Render `prompt` to the MP4 `out_path` (+ a `.json` sidecar beside it) and return the sidecar dict.
 
     `settings` are the fields of `VideoSettings` (fps, height, width, steps, block, cat, cfg, flow_shift, seed,
-    negative_prompt, feature_cache, coordinated_noise). `progress_callback(blocks_done, blocks)` is called
-    as each block is written. `threads` sets torch's thread count in this process and each worker.
+    negative_prompt, feature_cache, coordinated_noise); one not given (or None) comes from the model's
+    video_settings.json, else Wan's defaults, and stderr gets a line saying where each came from (also in the
+    record's "settings_from"). `progress_callback(blocks_done, blocks)` is called as each block is written. `threads` sets torch's thread count in this process and each worker.
     Every setting is checked (UsageError) before any weight loads or process starts, as the CLI checks it.
     """
     video = VideoSettings(frames=frames, seconds=seconds, **settings)
     request = check_request(model_dir, video, [Video(prompt, video.seed, Path(out_path))], ranks, timeout, threads)
+    print(describe_sources(request.settings, request.sources), file=sys.stderr)
     workers = store = None
     with tempfile.TemporaryDirectory(prefix="dualparal-") as tmp:
         if ranks > 1:

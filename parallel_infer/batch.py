@@ -8,10 +8,9 @@ output: it decodes and writes each MP4 and its JSON sidecar.
 """
 from __future__ import annotations
 
-import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +20,8 @@ from ddm import UsageError
 from ddm.io import atomic_write_json
 from parallel_infer.distributed import fail, join_group, ready, torchrun_rank
 from parallel_infer.loader import ModelInfo, inspect_model, load_model
+from parallel_infer.model_settings import describe_sources, resolve_settings
+from parallel_infer.prompt_file import expand, read_prompt_file
 from parallel_infer.render import (
     Plan, Progress, Renderer, VideoSettings, check_prompts, complete_sidecar, plan_video, settings_record,
 )
@@ -31,6 +32,9 @@ class Video:
     prompt: str
     seed: int
     path: Path  # the MP4 rank 0 writes; its sidecar is the same path with the suffix .json
+    settings: VideoSettings | None = None  # its own (a prompt line's seconds or negative prompt); None: the request's
+    plan: Plan | None = None  # filled in by check_request
+    source: str = ""  # where it was asked for ("prompts.jsonl line 3"), for error messages
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Request:
     videos: list[Video]
     timeout: float  # seconds a rank may stay silent while rendering
     threads: int | None = None  # torch threads per process; None = torch's default
+    sources: dict | None = None  # where each setting came from (parallel_infer/model_settings.py)
 
 
 def check_request(model_dir, settings: VideoSettings, videos: list[Video], ranks: int, timeout: float = 60.0,
@@ -53,9 +58,18 @@ def check_request(model_dir, settings: VideoSettings, videos: list[Video], ranks
     if threads is not None and (not isinstance(threads, int) or threads <= 0):
         raise UsageError(f"threads must be a positive integer, got {threads!r}")
     info = inspect_model(model_dir)
+    settings, sources = resolve_settings(info, settings)
     plan = plan_video(info, settings, ranks)
-    check_prompts(info, plan, settings, [video.prompt for video in videos])
-    return Request(info, plan, settings, videos, timeout, threads)
+    checked = []
+    for video in videos:
+        own = settings if video.settings is None else resolve_settings(info, video.settings)[0]
+        try:
+            own_plan = plan if video.settings is None else plan_video(info, own, ranks)
+            check_prompts(info, own_plan, own, [video.prompt])
+        except UsageError as e:
+            raise UsageError(f"{video.source}: {e}" if video.source else str(e)) from None
+        checked.append(replace(video, settings=own, plan=own_plan))
+    return Request(info, plan, settings, checked, timeout, threads, sources)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -86,19 +100,20 @@ def run_rank(request: Request, rank: int, world: int, store_file: str | None = N
         model = load_model(request.info, device, default_dtype(device), load_vae=rank == 0)
         ready()
         loaded = time.perf_counter()
-        renderer = Renderer(model, request.plan, request.settings, request.timeout)
         videos = [video for video, needed in zip(request.videos, todo.tolist()) if needed]
-        blocks, blocks_before = request.plan.config.num_blocks, 0
+        blocks, blocks_before = sum(video.plan.config.num_blocks for video in videos), 0
 
         def on_block(done: int, total: int) -> None:
-            progress(blocks_before + done, len(videos) * blocks)
+            progress(blocks_before + done, blocks)
 
         for video in videos:
+            renderer = Renderer(model, video.plan, video.settings, request.timeout)  # cheap: wraps the loaded model
             record = renderer.render(video.prompt, video.seed, video.path if rank == 0 else None,
                                      on_block if progress else None)
-            blocks_before += blocks
+            blocks_before += video.plan.config.num_blocks
             if rank == 0:
                 record["timings_s"]["load"] = loaded - start
+                record["settings_from"] = request.sources
                 atomic_write_json(video.path.with_suffix(".json"), record)
                 records.append(record)
     except Exception as e:
@@ -110,34 +125,27 @@ def run_rank(request: Request, rank: int, world: int, store_file: str | None = N
     return records
 
 
-def read_prompts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise UsageError(f"prompts file not found: {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError(f"no prompts in {path}")
-    return prompts
-
-
-def video_name(index: int, prompt: str) -> str:
-    return f"{index:04d}-{re.sub(r'[^a-z0-9]+', '-', prompt.lower()).strip('-')[:48] or 'video'}.mp4"
-
-
 def render_prompt_file(model_dir: Path, prompts_file: Path, out_dir: Path, settings: VideoSettings, *,
-                       timeout: float = 60.0, threads: int | None = None) -> list[dict]:
-    """One MP4 + sidecar per prompt line (video i: seed settings.seed + i, name NNNN-<prompt>.mp4), on this
-    process's torchrun rank or alone. A video already complete with the same settings is skipped; one that
-    exists with other settings is a UsageError. Everything is checked on every rank before any rank joins."""
+                       seeds_per_prompt: int = 1, timeout: float = 60.0, threads: int | None = None) -> list[dict]:
+    """One MP4 + sidecar per prompt line and seed (parallel_infer/prompt_file.py: plain or JSON lines, names
+    `<name>-seed<seed>.mp4`), on this process's torchrun rank or alone. A video already complete with the same
+    settings is skipped; one that exists with other settings is a UsageError. Every line is checked on every
+    rank before any rank joins."""
     from tqdm import tqdm
 
     rank, world = torchrun_rank()
-    prompts = read_prompts(prompts_file)
-    videos = [Video(prompt, settings.seed + i, out_dir / video_name(i, prompt)) for i, prompt in enumerate(prompts)]
+    videos = []
+    for line, seed, name in expand(read_prompt_file(prompts_file), settings.seed, seeds_per_prompt, prompts_file):
+        own = None
+        if line.seconds is not None or line.negative_prompt is not None:
+            length = {"seconds": line.seconds, "frames": None} if line.seconds is not None else {}
+            own = replace(settings, **length, negative_prompt=settings.negative_prompt if line.negative_prompt is None else line.negative_prompt)
+        videos.append(Video(line.prompt, seed, out_dir / name, own, source=f"{prompts_file} line {line.line}"))
     request = check_request(model_dir, settings, videos, world, timeout, threads)
-    info, plan = request.info, request.plan
-    complete = [complete_sidecar(v.path, settings_record(info, plan, settings, v.prompt, v.seed)) for v in videos]
+    complete = [complete_sidecar(v.path, settings_record(request.info, v.plan, v.settings, v.prompt, v.seed)) for v in request.videos]
     if rank == 0:
-        for video, done in zip(videos, complete):
+        print(describe_sources(request.settings, request.sources), file=sys.stderr)
+        for video, done in zip(request.videos, complete):
             if done:
                 print(f"skip {video.path} (complete)", file=sys.stderr)
     with tqdm(unit="block", disable=rank != 0) as bar:
