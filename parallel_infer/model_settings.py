@@ -105,3 +105,14 @@ def describe_sources(settings: VideoSettings, sources: dict[str, str]) -> str:
         by_source.setdefault(source, []).append(f"{label} {getattr(settings, key)}")
     return "\n".join(f"settings {', '.join(items)} ({'as given' if src == 'given' else 'from ' + src})"
                      for src, items in by_source.items())
+
+
+def prompt_hints(info: ModelInfo) -> str:
+    """What prompts a model understands, for a UI: its vocabulary, its precomputed prompts, or free text."""
+    if info.vocabulary is not None:
+        return f"words this model knows: {' '.join(info.vocabulary)}"
+    if info.known_prompts is not None:
+        shown = [p for p in info.known_prompts if p][:20]
+        more = len([p for p in info.known_prompts if p]) - len(shown)
+        return "prompts with precomputed embeddings: " + "; ".join(shown) + (f" (and {more} more)" if more > 0 else "")
+    return "free text (UMT5 text encoder)"
