@@ -4,7 +4,8 @@ The generator's world (ddm/data/moving_digits.py): a digit moves one pixel per f
 ("right"/"left": x, "down"/"up": y, "bouncing": both, diagonally) and reverses only when it reaches a wall.
 So a transition t -> t+1 of one digit is *correct* when, on every axis,
 
-- the speed is plausible: |dx| in [0.5, 1.5] pixels on a moving axis, |d| <= 0.5 on a still one;
+- the speed is plausible: |dx| in [0.5, 1.5] x the generator's speed (1 pixel per frame unless its data spec
+  says `speed=N`) on a moving axis, |d| <= 0.5 on a still one;
 - the direction persists: the same sign as the digit's last move on that axis, or the opposite sign right at
   the wall ahead (a bounce: the digit's ink within WALL_TOLERANCE pixels of that canvas edge);
 - before its first bounce the digit goes the prompted way ("right" is +x); "bouncing" prompts leave it free.
@@ -28,7 +29,7 @@ from ddm.data.moving_digits import DIGIT_SIZE
 MOTION_AXES = {"right": ((1, 0), 1), "left": ((1, 0), -1), "down": ((0, 1), 1), "up": ((0, 1), -1)}  # (moving x, y), sign
 INK = 0.25  # a pixel is ink above this brightness in [0, 1] (the embedded digits' faint edges are ~0.1-0.2)
 WALL_TOLERANCE = 3.5  # pixels from ink to wall at a bounce: the digits' 8x8 boxes leave up to 3 blank columns
-SPEED = (0.5, 1.5)  # pixels per frame that count as the generator's one
+SPEED = (0.5, 1.5)  # share of the generator's speed (pixels per frame) that counts as that speed
 STILL = 0.5  # pixels per frame an axis that should not move may drift
 
 
@@ -87,8 +88,9 @@ def track_digits(frames: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.
     return positions, extents
 
 
-def correct_transitions(positions: torch.Tensor, extents: torch.Tensor, size: tuple[int, int], motion: str) -> torch.Tensor:
-    """(F-1,) bool per transition of ONE digit: positions (F, 2), extents (F, 4), canvas (H, W)."""
+def correct_transitions(positions: torch.Tensor, extents: torch.Tensor, size: tuple[int, int], motion: str,
+                        speed: float = 1.0) -> torch.Tensor:
+    """(F-1,) bool per transition of ONE digit: positions (F, 2), extents (F, 4), canvas (H, W), the data's speed."""
     steps = (positions[1:] - positions[:-1]).tolist()
     edges = extents.tolist()
     height, width = size
@@ -106,7 +108,7 @@ def correct_transitions(positions: torch.Tensor, extents: torch.Tensor, size: tu
             if not moving[axis]:
                 ok &= abs(d) <= STILL
                 continue
-            if not SPEED[0] <= abs(d) <= SPEED[1]:
+            if not SPEED[0] * speed <= abs(d) <= SPEED[1] * speed:
                 ok = False
                 continue
             sign = 1 if d > 0 else -1
@@ -128,14 +130,15 @@ def tenths(values: torch.Tensor) -> list[float]:
     return [chunk.float().mean().item() for chunk in torch.tensor_split(values, min(10, len(values)))]
 
 
-def motion_scores(frames: torch.Tensor, digits: int, motion: str | None) -> dict:
+def motion_scores(frames: torch.Tensor, digits: int, motion: str | None, speed: float = 1.0) -> dict:
     """motion (share of correct transitions over every digit), motion_curve (per tenth), first/last tenth, and
-    the median speed along the moving axes in pixels per frame. Empty when the prompt names no motion."""
+    the median speed along the moving axes in pixels per frame, for data moving `speed` pixels per frame.
+    Empty when the prompt names no motion."""
     if motion is None:
         return {}
     positions, extents = track_digits(frames, digits)
     size = tuple(frames.shape[1:])
-    correct = torch.stack([correct_transitions(positions[:, k], extents[:, k], size, motion) for k in range(digits)]).float()
+    correct = torch.stack([correct_transitions(positions[:, k], extents[:, k], size, motion, speed) for k in range(digits)]).float()
     per_transition = correct.mean(0)
     steps = (positions[1:] - positions[:-1]).abs()
     axes = [0, 1] if motion == "bouncing" else [MOTION_AXES[motion][0].index(1)]

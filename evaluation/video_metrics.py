@@ -155,8 +155,8 @@ def real_flicker(size: int, frames: int, digits: int, clips: int = 64) -> float:
 
 
 def evaluate_frames(frames: torch.Tensor, prompt: str, block: int | None = None, first_block: int | None = None,
-                    detector: nn.Module | None = None) -> dict:
-    """All measures for one video, (F, H, W) in [-1, 1]."""
+                    detector: nn.Module | None = None, speed: float = 1.0) -> dict:
+    """All measures for one video, (F, H, W) in [-1, 1]; `speed` is the data's pixels per frame."""
     if frames.dim() != 3 or len(frames) < 2:
         raise UsageError(f"a video needs shape (F >= 2, H, W), got {tuple(frames.shape)}")
     if min(frames.shape[1:]) < DIGIT_SIZE:
@@ -179,7 +179,7 @@ def evaluate_frames(frames: torch.Tensor, prompt: str, block: int | None = None,
     out["drift"] = out["fidelity_first10"] - out["fidelity_last10"]
     out["flicker_ratio"] = out["flicker"] / out["flicker_real"]
     out["seam"] = seam_score(frames, block, first_block) if block else None
-    out.update(motion_scores(frames, len(digits), prompt_motion(prompt)))
+    out.update(motion_scores(frames, len(digits), prompt_motion(prompt), speed))
     return out
 
 
@@ -223,6 +223,8 @@ def add_arguments(p) -> None:
     p.add_argument("--block", type=int, default=None, help="frames per DualParal block, for the seam score (default: the sidecar's)")
     p.add_argument("--first-block", type=int, default=None, help="frames in the first block (default: block + cat from the sidecar, else --block)")
     p.add_argument("--canvas", type=int, default=None, help="resize frames to this square canvas (an upscaled MP4)")
+    p.add_argument("--speed", type=float, default=None,
+                   help="pixels per frame the digits should move (default: the speed of the data the sidecar's model was trained on, else 1)")
     p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
 
 
@@ -235,10 +237,23 @@ def sidecar_settings(path: Path) -> dict:
         return {}
 
 
-def video_jobs(args) -> list[tuple[Path, str, int | None, int | None]]:
-    """(path, prompt, block, first block) per video, all checked before any video is read."""
+def model_speed(settings: dict) -> float:
+    """The speed of the moving-digits data the sidecar's model (an expert folder) was trained on, else 1."""
+    from ddm.data.moving_digits import MovingDigitsConfig
+
+    try:
+        spec = json.loads((Path(settings["model"]) / "expert.json").read_text())["data"]
+        return float(MovingDigitsConfig.parse(spec).speed)
+    except (KeyError, OSError, TypeError, ValueError):  # no sidecar, not an expert, not moving digits
+        return 1.0
+
+
+def video_jobs(args) -> list[tuple[Path, str, int | None, int | None, float]]:
+    """(path, prompt, block, first block, speed) per video, all checked before any video is read."""
     if args.prompts is not None and len(args.prompts) not in (1, len(args.paths)):
         raise UsageError(f"got {len(args.prompts)} prompts for {len(args.paths)} videos: give one per video or one for all")
+    if args.speed is not None and not args.speed > 0:
+        raise UsageError(f"--speed must be > 0, got {args.speed}")
     for name in ("block", "first_block", "canvas"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -257,7 +272,7 @@ def video_jobs(args) -> list[tuple[Path, str, int | None, int | None]]:
         pixel_space = settings.get("frames", 0) >= settings.get("video_frames", 1)
         if block is None and pixel_space and "block" in settings:
             block, first = settings["block"], first or settings["block"] + settings["cat"]
-        jobs.append((path, prompt, block, first))
+        jobs.append((path, prompt, block, first, args.speed or model_speed(settings)))
     return jobs
 
 
@@ -265,9 +280,9 @@ def run(args) -> int:
     jobs = video_jobs(args)
     detector = load_detector()
     results = []
-    for path, prompt, block, first in jobs:
-        r = evaluate_frames(load_frames(path, args.canvas), prompt, block, first, detector)
-        results.append({"path": str(path), **r, "block": block, "first_block": first or block})
+    for path, prompt, block, first, speed in jobs:
+        r = evaluate_frames(load_frames(path, args.canvas), prompt, block, first, detector, speed)
+        results.append({"path": str(path), **r, "block": block, "first_block": first or block, "expected_speed": speed})
     print(format_table(results))
     if args.out:
         from ddm.io import atomic_write_json

@@ -67,3 +67,10 @@ def test_prompts_name_at_most_one_motion():
     assert prompt_motion("a 3") is None
     with pytest.raises(UsageError, match="names 2 motions"):
         prompt_motion("a 3 moving right up")
+
+
+def test_faster_data_is_scored_at_its_own_speed():
+    ds = MovingDigitsDataset(MovingDigitsConfig(clips=12, frames=32, size=16, max_digits=1, seed=2, speed=2))
+    clips = [(ds[i][0][0], ds.params(i)["motion"]) for i in range(len(ds))]
+    assert min(motion_scores(f, 1, m, speed=2)["motion"] for f, m in clips) == 1.0
+    assert max(motion_scores(f, 1, m, speed=1)["motion"] for f, m in clips) == 0.0  # 2 px a frame is not 1
