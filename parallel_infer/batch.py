@@ -136,13 +136,16 @@ def render_prompt_file(model_dir: Path, prompts_file: Path, out_dir: Path, setti
     rank, world = torchrun_rank()
     videos = []
     for line, seed, name in expand(read_prompt_file(prompts_file), settings.seed, seeds_per_prompt, prompts_file):
-        own = None
-        if line.seconds is not None or line.negative_prompt is not None:
-            length = {"seconds": line.seconds, "frames": None} if line.seconds is not None else {}
-            own = replace(settings, **length, negative_prompt=settings.negative_prompt if line.negative_prompt is None else line.negative_prompt)
+        own = {}  # what the line sets for itself
+        if line.seconds is not None:
+            own.update(seconds=line.seconds, frames=None)
+        if line.negative_prompt is not None:
+            own.update(negative_prompt=line.negative_prompt)
+        own = replace(settings, **own) if own else None
         videos.append(Video(line.prompt, seed, out_dir / name, own, source=f"{prompts_file} line {line.line}"))
     request = check_request(model_dir, settings, videos, world, timeout, threads)
-    complete = [complete_sidecar(v.path, settings_record(request.info, v.plan, v.settings, v.prompt, v.seed)) for v in request.videos]
+    complete = [complete_sidecar(v.path, settings_record(request.info, v.plan, v.settings, v.prompt, v.seed))
+                for v in request.videos]
     if rank == 0:
         print(describe_sources(request.settings, request.sources), file=sys.stderr)
         for video, done in zip(request.videos, complete):
