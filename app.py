@@ -47,7 +47,7 @@ def build_app(actions: Actions, demo_dir: str) -> gr.Blocks:
             f"Paths are read only below: `{actions.roots.describe()}`."
         )
         images_tab(actions, demo_dir)
-        video_tab(actions, demo_dir)
+        video_tab(app, actions, demo_dir)
         islands_tab(actions, demo_dir)
     return app
 
@@ -71,10 +71,13 @@ def images_tab(actions: Actions, demo_dir: str) -> None:
             with gr.Column(scale=2):
                 with gr.Row():
                     ensemble_gallery = gr.Gallery(
-                        label="Ensemble", columns=3, format="png", elem_id="ensemble-gallery", elem_classes="pixelated"
+                        label="Ensemble (framed in the colour of the expert that drew each sample)", columns=2,
+                        height="auto", format="png", object_fit="contain", elem_id="ensemble-gallery",
+                        elem_classes="pixelated",
                     )
                     monolith_gallery = gr.Gallery(
-                        label="Monolith (same noise)", columns=3, format="png", visible=False,
+                        label="Monolith (same noise)", columns=2, height="auto", format="png", object_fit="contain",
+                        visible=False,
                         elem_id="monolith-gallery", elem_classes="pixelated",
                     )
                 routing = gr.Plot(label="Routing weights per expert over the sampling steps")
@@ -91,7 +94,7 @@ def images_tab(actions: Actions, demo_dir: str) -> None:
     )
 
 
-def video_tab(actions: Actions, demo_dir: str) -> None:
+def video_tab(app: gr.Blocks, actions: Actions, demo_dir: str) -> None:
     with gr.Tab("Video", id="video"):
         with gr.Row():
             with gr.Column(scale=1):
@@ -99,7 +102,12 @@ def video_tab(actions: Actions, demo_dir: str) -> None:
                     f"{demo_dir}/video-model",
                     label="Model directory (our video expert or a local Wan2.1 diffusers folder)",
                 )
+                model_notes = gr.Markdown(elem_id="video-model-notes")
                 prompt = gr.Textbox("a 3 moving right", label="Prompt")
+                negative_prompt = gr.Textbox(
+                    "", label="Negative prompt (guidance's unconditional branch; empty = none)",
+                    elem_id="video-negative-prompt",
+                )
                 with gr.Row():
                     seconds = gr.Number(
                         4, minimum=0.05, maximum=MAX_SECONDS, label="Length (seconds)", elem_id="video-seconds"
@@ -131,10 +139,19 @@ def video_tab(actions: Actions, demo_dir: str) -> None:
                     elem_id="video-player", elem_classes="pixelated",
                 )
                 video_record = gr.JSON(label="Settings, frames and timings")
+    # The fields take the settings the model carries (its video_settings.json) when the folder is entered.
+    gr.on(
+        [app.load, video_model_dir.submit, video_model_dir.blur],
+        actions.video_model_settings,
+        inputs=video_model_dir,
+        outputs=[fps, height, width, video_steps, block, cat, video_cfg, model_notes],
+        api_name="video_model_settings",
+        concurrency_id="video-settings",
+    )
     render_button.click(
         actions.render_video,
         inputs=[
-            video_model_dir, prompt, seconds, fps, height, width,
+            video_model_dir, prompt, negative_prompt, seconds, fps, height, width,
             video_steps, block, cat, video_cfg, video_seed, workers,
         ],
         outputs=[video, video_record],
@@ -206,13 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     roots = AllowedRoots([APP_DIR / "outputs", *args.allow_dir])
     start_run_dir()
     videos = RUN_DIR / "videos"
-    app = build_app(Actions(roots, videos), args.demo_dir)
+    actions = Actions(roots, videos)
+    app = build_app(actions, args.demo_dir)
     app.queue(default_concurrency_limit=1)
-    app.launch(
-        server_name=args.host, server_port=args.port, share=args.share, css=CSS, max_file_size=MAX_FILE_SIZE,
-        allowed_paths=[str(videos)],  # Gradio serves only files it made, from the temp dir or these folders
-        app_kwargs={"middleware": [Middleware(NoUploads)]},
-    )
+    try:
+        app.launch(
+            server_name=args.host, server_port=args.port, share=args.share, css=CSS, max_file_size=MAX_FILE_SIZE,
+            allowed_paths=[str(videos)],  # Gradio serves only files it made, from the temp dir or these folders
+            app_kwargs={"middleware": [Middleware(NoUploads)]},
+        )
+    finally:
+        actions.close()  # the Video tab's warm worker processes
     return 0
 
 

@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import os
+import threading
 import uuid
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import gradio as gr
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ddm import UsageError
 from ddm.models.experts import read_expert_meta
@@ -30,6 +31,7 @@ MAX_IMAGES = 16
 MAX_SECONDS = 600
 MAX_PIXELS = 1280
 MAX_WORKERS = max(1, os.cpu_count() or 1)
+TILE_BAR = 26  # pixels of a gallery tile's label bar (and of the strip below left for the gallery's caption)
 
 
 class AllowedRoots:
@@ -146,6 +148,23 @@ def tile_grid(images: torch.Tensor) -> Image.Image:
     return to_pil(grid)
 
 
+def labelled_tile(image: Image.Image, label: str, expert: int | None) -> Image.Image:
+    """A sample enlarged (nearest neighbour) to ~160 px, framed in its expert's plot colour, with `label` in a bar
+    above it and an empty strip below where the gallery lays its caption: the label stays readable at any
+    gallery size, where a caption may be cut off."""
+    from matplotlib.colors import to_rgb
+
+    scale = max(1, 160 // max(image.size))
+    big = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
+    color = tuple(round(255 * c) for c in to_rgb(f"C{expert % 10}")) if expert is not None else (90, 90, 90)
+    border, bar = 4, TILE_BAR
+    tile = Image.new("RGB", (big.width + 2 * border, big.height + 2 * border + 2 * bar), color)
+    tile.paste(big, (border, bar + border))
+    draw = ImageDraw.Draw(tile)
+    draw.text((tile.width / 2, bar / 2 + 2), label, fill="white", anchor="mm", font=ImageFont.load_default(size=16))
+    return tile
+
+
 def read_metrics(path: Path) -> tuple[list[int], list[float]]:
     """(steps, losses) from a metrics.jsonl; lines without both, or cut short by a running trainer, are left out."""
     steps, losses = [], []
@@ -220,6 +239,28 @@ class Actions:
         self.roots = roots
         # Rendered MP4s land here (app.py removes the folder when the app exits); Gradio serves copies of them.
         self.scratch = Path(scratch)
+        # The Video tab's DualParal ranks, kept warm while the model folder and the worker count stay the same.
+        self.video_pool = None
+        self.video_pool_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Let the video ranks go (the app calls this as it exits)."""
+        with self.video_pool_lock:
+            if self.video_pool is not None:
+                self.video_pool.close()
+                self.video_pool = None
+
+    def warm_pool(self, model_path: Path, workers: int):
+        """The pool for this model and worker count: the warm one, or a new one (the old one closed)."""
+        from parallel_infer.pool import RenderPool, model_key
+
+        pool = self.video_pool
+        if pool is not None and pool.alive and pool.key == model_key(model_path, workers, None):
+            return pool
+        if pool is not None:
+            pool.close()
+        self.video_pool = RenderPool(model_path, ranks=workers)
+        return self.video_pool
 
     @friendly
     def islands(self, manifest_dir: str, experts_dir: str, per_cluster: int = 8):
@@ -282,7 +323,9 @@ class Actions:
         ).images
         # With CFG the ensemble also routes the unconditional rows; those of the conditional ones are plotted.
         weights = torch.stack([w[:count] for w in ensemble.routing_weights]).float().cpu()
-        captions = [f"class {c} · expert {e}" for c, e in zip(labels.tolist(), weights.sum(0).argmax(1).tolist())]
+        experts = weights.sum(0).argmax(1).tolist()  # the expert that carried most of each sample's routing weight
+        captions = [f"class {c} · expert {e}" for c, e in zip(labels.tolist(), experts)]
+        images = [labelled_tile(image, caption, e) for image, caption, e in zip(images, captions, experts)]
         monolith = []
         if monolith_path is not None:
             monolith_pipe = load_pipeline(monolith_path)
@@ -294,7 +337,8 @@ class Actions:
             monolith_images = monolith_pipe(
                 labels, num_inference_steps=steps, guidance_scale=cfg, generator=torch.Generator().manual_seed(seed)
             ).images
-            monolith = [(image, f"class {c} · monolith") for image, c in zip(monolith_images, labels.tolist())]
+            monolith = [(labelled_tile(image, f"class {c} · monolith", None), f"class {c} · monolith")
+                        for image, c in zip(monolith_images, labels.tolist())]
         return list(zip(images, captions)), routing_plot(weights, ensemble.islands), monolith
 
     @friendly
@@ -323,14 +367,31 @@ class Actions:
             samples.append((image, f"{expert_dir.name} · class {labels.item()}"))
         return samples
 
+    def video_model_settings(self, model_dir: str):
+        """The settings a video model carries (to fill the Video tab's fields) and a note on its prompts; a folder
+        that is not a video model leaves the fields as they are and says why."""
+        from parallel_infer.loader import inspect_model
+        from parallel_infer.model_settings import describe_sources, prompt_hints, resolve_settings
+        from parallel_infer.render import VideoSettings
+
+        keep = [gr.update()] * 7
+        try:
+            info = inspect_model(self.roots.dir(model_dir, "Video model directory"))
+            settings, sources = resolve_settings(info, VideoSettings(seconds=1))
+        except (gr.Error, UsageError) as e:
+            return *keep, f"*{getattr(e, 'message', None) or e}*"
+        root = str(APP_DIR)
+        note = describe_sources(settings, sources).replace(root + os.sep, "")
+        values = (settings.fps, settings.height, settings.width, settings.steps, settings.block, settings.cat, settings.cfg)
+        return *values, f"**Prompts**: {prompt_hints(info)}.  \n**Settings** below: " + note.replace("\n", "; ")
+
     @friendly
     def render_video(
-        self, model_dir: str, prompt: str, seconds, fps, height, width, steps, block, cat, cfg, seed, workers,
-        progress=gr.Progress(),
+        self, model_dir: str, prompt: str, negative_prompt: str, seconds, fps, height, width, steps, block, cat, cfg,
+        seed, workers, progress=gr.Progress(),
     ):
-        """One MP4 from `prompt` through DualParal on `workers` local processes; progress = blocks done / total."""
-        from parallel_infer.api import render_video
-
+        """One MP4 from `prompt` through DualParal on `workers` local processes kept warm between renders
+        (parallel_infer/pool.py); progress = blocks done / total."""
         model_path = self.roots.dir(model_dir, "Video model directory")
         prompt = (prompt or "").strip()
         if not prompt:
@@ -350,10 +411,12 @@ class Actions:
         workers = int_in_range(workers, "Worker processes", 1, MAX_WORKERS)
         self.scratch.mkdir(parents=True, exist_ok=True)
         out = self.scratch / f"video-{uuid.uuid4().hex[:12]}.mp4"
-        progress(0, desc="loading the model")
-        record = render_video(
-            model_path, prompt, out, seconds=seconds, ranks=workers, fps=fps, height=height, width=width,
-            steps=steps, block=block, cat=cat, cfg=cfg, seed=seed,
-            progress_callback=lambda done, total: progress((done, total), desc="blocks", unit="blocks"),
-        )
+        with self.video_pool_lock:
+            pool = self.warm_pool(model_path, workers)
+            progress(0, desc="rendering" if pool.ready else "loading the model")
+            record = pool.render(
+                prompt, out, seconds=seconds, fps=fps, height=height, width=width, steps=steps, block=block, cat=cat,
+                cfg=cfg, seed=seed, negative_prompt=(negative_prompt or "").strip(),
+                progress_callback=lambda done, total: progress((done, total), desc="blocks", unit="blocks"),
+            )
         return str(out), record

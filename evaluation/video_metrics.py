@@ -8,6 +8,8 @@
 - flicker: mean |frame[t+1] - frame[t]|, beside the same measure on real clips from the generator.
 - seam score: mean frame difference across block boundaries / mean difference inside blocks (~1 = no seams).
 - drift: fidelity over the first 10% of frames minus fidelity over the last 10% (> 0: the video degrades).
+- motion: share of frame transitions in which each digit moves as its prompt says (direction, speed, bounces
+  only at walls; evaluation/motion.py), over the video and per tenth of it (`motion_curve`).
 
 Inputs: MP4 files (gray-scaled and area-resized to the canvas), or .safetensors (key `video`) / .npy arrays
 of frames in [-1, 1] shaped (F, H, W), (1, F, H, W) or (F, 1, H, W).
@@ -25,6 +27,7 @@ from torch import nn
 
 from ddm import UsageError, first_line
 from ddm.data.moving_digits import DIGIT_SIZE
+from evaluation.motion import ink_seeds, motion_scores, prompt_motion
 
 DETECTOR_PATH = Path(__file__).parent / "assets" / "digit_detector.safetensors"
 RESULTS_FORMAT = "ddm-eval-video/1"  # in --out: marks the file as ours, so a re-run may replace it
@@ -98,18 +101,9 @@ def find_digits(frames: torch.Tensor, count: int, detector: nn.Module, search: i
     The window with the most ink seeds each digit (the next seed may not overlap an earlier one by more than
     half a digit); the class probabilities are averaged over the seed and its neighbours within `search`
     pixels, which steadies seeds pulled off-centre by a nearby digit."""
-    ink = F.avg_pool2d((frames.unsqueeze(1) + 1) / 2, DIGIT_SIZE, stride=1).squeeze(1)  # (F, H-7, W-7)
-    n, gh, gw = ink.shape
-    ys = torch.arange(gh).view(1, -1, 1)
-    xs = torch.arange(gw).view(1, 1, -1)
-    seeds = []
-    for _ in range(count):
-        best = ink.flatten(1).argmax(1)
-        y, x = best // gw, best % gw
-        seeds.append(torch.stack([y, x], 1))
-        near = ((ys - y.view(-1, 1, 1)).abs() < DIGIT_SIZE // 2) & ((xs - x.view(-1, 1, 1)).abs() < DIGIT_SIZE // 2)
-        ink = ink.masked_fill(near, -1.0)
-    seeds = torch.stack(seeds, 1)  # (F, count, 2)
+    n = len(frames)
+    gh, gw = frames.shape[1] - DIGIT_SIZE + 1, frames.shape[2] - DIGIT_SIZE + 1
+    seeds = ink_seeds(frames, count)  # (F, count, 2)
     shift = torch.arange(-search, search + 1)
     shifts = torch.stack(torch.meshgrid(shift, shift, indexing="ij"), -1).view(-1, 2)  # (S, 2)
     limit = torch.tensor([gh - 1, gw - 1])
@@ -163,8 +157,8 @@ def real_flicker(size: int, frames: int, digits: int, clips: int = 64) -> float:
 
 
 def evaluate_frames(frames: torch.Tensor, prompt: str, block: int | None = None, first_block: int | None = None,
-                    detector: nn.Module | None = None) -> dict:
-    """All measures for one video, (F, H, W) in [-1, 1]."""
+                    detector: nn.Module | None = None, speed: float = 1.0) -> dict:
+    """All measures for one video, (F, H, W) in [-1, 1]; `speed` is the data's pixels per frame."""
     if frames.dim() != 3 or len(frames) < 2:
         raise UsageError(f"a video needs shape (F >= 2, H, W), got {tuple(frames.shape)}")
     if min(frames.shape[1:]) < DIGIT_SIZE:
@@ -187,6 +181,7 @@ def evaluate_frames(frames: torch.Tensor, prompt: str, block: int | None = None,
     out["drift"] = out["fidelity_first10"] - out["fidelity_last10"]
     out["flicker_ratio"] = out["flicker"] / out["flicker_real"]
     out["seam"] = seam_score(frames, block, first_block) if block else None
+    out.update(motion_scores(frames, len(digits), prompt_motion(prompt), speed))
     return out
 
 
@@ -259,6 +254,8 @@ def add_arguments(p) -> None:
     p.add_argument("--block", type=int, default=None, help="frames per DualParal block, for the seam score (default: the sidecar's)")
     p.add_argument("--first-block", type=int, default=None, help="frames in the first block (default: block + cat from the sidecar, else --block)")
     p.add_argument("--canvas", type=int, default=None, help="resize frames to this square canvas (an upscaled MP4)")
+    p.add_argument("--speed", type=float, default=None,
+                   help="pixels per frame the digits should move (default: the speed of the data the sidecar's model was trained on, else 1)")
     p.add_argument("--out", type=Path, default=None, help="write the results here as JSON (a new file, or one ddm wrote)")
 
 
@@ -278,10 +275,23 @@ def sidecar_settings(path: Path) -> dict:
     return settings if isinstance(settings, dict) else {}
 
 
-def video_jobs(args) -> list[tuple[Path, str, int | None, int | None]]:
-    """(path, prompt, block, first block) per video, all checked before any video is read."""
+def model_speed(settings: dict) -> float:
+    """The speed of the moving-digits data the sidecar's model (an expert folder) was trained on, else 1."""
+    from ddm.data.moving_digits import MovingDigitsConfig
+
+    try:
+        spec = json.loads((Path(settings["model"]) / "expert.json").read_text())["data"]
+        return float(MovingDigitsConfig.parse(spec).speed)
+    except (KeyError, OSError, TypeError, ValueError):  # no sidecar, not an expert, not moving digits
+        return 1.0
+
+
+def video_jobs(args) -> list[tuple[Path, str, int | None, int | None, float]]:
+    """(path, prompt, block, first block, speed) per video, all checked before any video is read."""
     if args.prompts is not None and len(args.prompts) not in (1, len(args.paths)):
         raise UsageError(f"got {len(args.prompts)} prompts for {len(args.paths)} videos: give one per video or one for all")
+    if args.speed is not None and not args.speed > 0:
+        raise UsageError(f"--speed must be > 0, got {args.speed}")
     for name in ("block", "first_block", "canvas"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -300,13 +310,14 @@ def video_jobs(args) -> list[tuple[Path, str, int | None, int | None]]:
         if not isinstance(prompt, str):
             raise UsageError(f"no prompt for {path}: pass --prompts (it has no JSON sidecar naming one)")
         prompt_digits(prompt)
+        prompt_motion(prompt)
         block, first = args.block, args.first_block
         # Pixel space: one latent frame per video frame (a VAE packs several), the layout maybe cut at the end.
         frames, video_frames = settings.get("frames"), settings.get("video_frames")
         pixel_space = isinstance(frames, int) and isinstance(video_frames, int) and frames >= video_frames
         if block is None and pixel_space and isinstance(settings.get("block"), int) and isinstance(settings.get("cat"), int):
             block, first = settings["block"], first or settings["block"] + settings["cat"]
-        jobs.append((path, prompt, block, first))
+        jobs.append((path, prompt, block, first, args.speed or model_speed(settings)))
     return jobs
 
 
@@ -314,9 +325,9 @@ def run(args) -> int:
     jobs = video_jobs(args)
     detector = load_detector()
     results = []
-    for path, prompt, block, first in jobs:
-        r = evaluate_frames(load_frames(path, args.canvas), prompt, block, first, detector)
-        results.append({"path": str(path), **r, "block": block, "first_block": first or block})
+    for path, prompt, block, first, speed in jobs:
+        r = evaluate_frames(load_frames(path, args.canvas), prompt, block, first, detector, speed)
+        results.append({"path": str(path), **r, "block": block, "first_block": first or block, "expected_speed": speed})
     print(format_table(results))
     if args.out:
         from ddm.io import atomic_write_json, output_lock
@@ -327,15 +338,19 @@ def run(args) -> int:
 
 
 def format_table(results: list[dict]) -> str:
-    head = f"{'video':<32} {'frames':>6} {'fidelity':>8} {'first10':>7} {'last10':>7} {'drift':>6} {'flicker':>7} {'real':>6} {'seam':>6}"
+    head = (f"{'video':<32} {'frames':>6} {'fidelity':>8} {'first10':>7} {'last10':>7} {'drift':>6} {'flicker':>7} "
+            f"{'real':>6} {'seam':>6} {'motion':>6}")
     rows = [head, "-" * len(head)]
     for r in results:
         seam = f"{r['seam']:.2f}" if r["seam"] is not None else "-"
+        motion = f"{r['motion']:.3f}" if "motion" in r else "-"
         rows.append(
             f"{Path(r['path']).name[-32:]:<32} {r['frames']:>6} {r['fidelity']:>8.3f} {r['fidelity_first10']:>7.3f} "
-            f"{r['fidelity_last10']:>7.3f} {r['drift']:>6.3f} {r['flicker']:>7.4f} {r['flicker_real']:>6.4f} {seam:>6}"
+            f"{r['fidelity_last10']:>7.3f} {r['drift']:>6.3f} {r['flicker']:>7.4f} {r['flicker_real']:>6.4f} {seam:>6} {motion:>6}"
         )
-    return "\n".join(rows)
+    curves = [f"{Path(r['path']).name[-32:]:<32} motion per tenth: {' '.join(f'{v:.2f}' for v in r['motion_curve'])}"
+              for r in results if "motion_curve" in r]
+    return "\n".join(rows + curves)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import time
 from pathlib import Path
 
@@ -94,16 +95,66 @@ def samples_section(ctx: dict) -> str:
     )
 
 
+STRIP = 12  # frames per row of the frame strip
+
+
+def motion_figure(video: Path, scores: dict, fps: int, out: Path) -> None:
+    """Two rows of consecutive frames (the video's first and last STRIP), an arrow on each frame from the digit's
+    ink centroid to where it is one frame later, and the motion score per tenth of the video below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evaluation.motion import track_digits
+    from evaluation.video_metrics import load_frames
+
+    frames = load_frames(video, None)
+    positions, _ = track_digits(frames, 1)
+    fig = plt.figure(figsize=(12, 4.6), dpi=100)
+    grid = fig.add_gridspec(3, STRIP, height_ratios=[1, 1, 1.5], hspace=0.35)
+    for row, first in enumerate((0, len(frames) - STRIP - 1)):
+        for col in range(STRIP):
+            t = first + col
+            ax = fig.add_subplot(grid[row, col])
+            ax.imshow(frames[t].numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+            (x0, y0), (x1, y1) = positions[t, 0].tolist(), positions[t + 1, 0].tolist()
+            if not any(map(math.isnan, (x0, y0, x1, y1))):
+                ax.annotate("", (x0 + 2 * (x1 - x0), y0 + 2 * (y1 - y0)), (x0, y0),
+                            arrowprops=dict(arrowstyle="->", color="tab:orange", lw=1.6))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{t / fps:.2f}s" if col % 3 == 0 else "", fontsize=7)
+        fig.text(0.09, 0.80 - 0.255 * row, "start" if row == 0 else "end", rotation=90, fontsize=9, ha="center")
+    ax = fig.add_subplot(grid[2, :])
+    curve = scores["motion_curve"]
+    seconds = len(frames) / fps
+    ax.bar([(i + 0.5) * seconds / len(curve) for i in range(len(curve))], curve, width=0.8 * seconds / len(curve),
+           color="tab:orange")
+    ax.axhline(scores["motion"], color="k", lw=1, ls="--", label=f"whole video {scores['motion']:.2f}")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlim(0, seconds)
+    ax.set_xlabel("seconds into the video")
+    ax.set_ylabel("motion score")
+    ax.set_title("motion score per tenth of the video (share of frames where the digit moves as prompted)", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+
+
 def video_section(ctx: dict) -> str:
     record, scores = ctx["video_record"], ctx["video_scores"]
     settings = record["settings"]
     seconds = record["frames_written"] / settings["fps"]
+    motion_figure(ctx["video"], scores, settings["fps"], ctx["out"] / "motion.png")
     rows = [
-        ["frames", f"{record['frames_written']} ({seconds:.0f} s at {settings['fps']} fps)"],
-        ["layout", f"block {settings['block']}, context {settings['cat']}, {settings['steps']} steps"],
+        ["frames", f"{record['frames_written']} ({seconds:.0f} s at {settings['fps']} fps, {settings['height']}×{settings['width']} px)"],
+        ["layout", f"block {settings['block']}, context {settings['cat']}, {settings['steps']} steps, CFG {settings['guidance_scale']:g}"],
         ["ranks", record.get("ranks", 2)],
         ["denoise time", f"{record['timings_s']['denoise']:.1f} s"],
         ["bytes between ranks", f"{record['bytes_sent'] / 1e6:.1f} MB"],
+        ["motion (share of frames moving as prompted)", f"{scores['motion']:.3f} (first tenth {scores['motion_first10']:.2f}, last {scores['motion_last10']:.2f})"],
+        ["speed (median, px per frame)", f"{scores['speed']:.2f} (the training clips: {scores.get('expected_speed', 1):g})"],
         ["digit fidelity", f"{scores['fidelity']:.3f}"],
         ["seam score (1 = no seams)", f"{scores['seam']:.2f}"],
         ["drift (first 10% − last 10%)", f"{scores['drift']:+.3f}"],
@@ -113,9 +164,14 @@ def video_section(ctx: dict) -> str:
         f"<h2>4. A long video with DualParal</h2><p>Prompt: <b>{html.escape(settings['prompt'])}</b>. The video "
         "transformer's layers were split over 2 processes; frames were denoised in blocks at staggered noise "
         "levels, each block attending to its neighbour's cached features, and written to the MP4 as they left "
-        "the queue. The model was trained by the same island trainer as the experts (<code>--modality video</code>, "
-        f"{ctx['video_steps']} steps on generated 12&times;12 moving-digit clips), in <code>video-model/</code>.</p>"
+        "the queue. The model is the shipped video expert (<code>ddm/assets/video/quick</code>, trained by the "
+        "same island trainer as the experts with <code>--modality video</code>, docs/video.md), rendered with "
+        "the settings it carries (<code>video_settings.json</code>).</p>"
         '<p><video src="video.mp4" controls autoplay loop muted class="pixel" width="288"></video></p>'
+        "<p>Frame strips of the first and the last frames, each with an arrow to where the digit goes next (drawn "
+        "twice as long), and the motion score over the video: a video that stops moving, or only jitters, shows "
+        "as a falling curve.</p>"
+        '<p><img src="motion.png" alt="frame strips with motion arrows, and the motion curve" style="width:100%"></p>'
         + table(["", ""], rows)
     )
 

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from ddm.io import output_lock
 from parallel_infer.batch import Request, Video, check_request, run_rank
 from parallel_infer.layer_split import parse_layer_split
+from parallel_infer.model_settings import describe_sources
 from parallel_infer.render import Progress, VideoSettings, owned_sidecar
 from parallel_infer.topology import ParallelOptions
 
@@ -40,7 +41,9 @@ def render_video(
     """Render `prompt` to the MP4 `out_path` (+ a `.json` sidecar beside it) and return the sidecar dict.
 
     `settings` are the fields of `VideoSettings` (fps, height, width, steps, block, cat, cfg, flow_shift, seed,
-    negative_prompt, feature_cache, coordinated_noise). `progress_callback(blocks_done, blocks)` is called
+    negative_prompt, feature_cache, coordinated_noise); one not given (or None) comes from the model's
+    video_settings.json, else Wan's defaults, and stdout gets a line saying where each came from (also in the
+    record's "settings_from"). `progress_callback(blocks_done, blocks)` is called
     as each block is written (with `decode_on="last"` and ranks > 1 a worker decodes, and it is not called).
     `threads` sets torch's thread count in this process and each worker. Placement (the video is the same):
     `layer_split` ("auto"/None: balanced by measured cost, or "14,16" / (14, 16) layers per stage),
@@ -53,6 +56,7 @@ def render_video(
     split = parse_layer_split(layer_split) if isinstance(layer_split, str) else layer_split
     options = ParallelOptions(split, cfg_parallel, decode_on, decode_thread)
     request = check_request(model_dir, video, [Video(prompt, video.seed, out_path)], ranks, timeout, threads, options)
+    print(describe_sources(request.settings, request.sources))  # information, on stdout: stderr is for the one-line error
     owned_sidecar(out_path)  # an MP4 or sidecar there that ddm did not render is never overwritten
     with output_lock(out_path, "video", folder=False):
         return _render(request, ranks, timeout, progress_callback)

@@ -8,7 +8,6 @@ output directory and writes each JSON sidecar; the decode rank (rank 0 unless --
 """
 from __future__ import annotations
 
-import re
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -23,6 +22,8 @@ from ddm.io import atomic_write_json, check_owned, claim_dir, output_lock
 from parallel_infer.balance import choose_topology
 from parallel_infer.distributed import fail, join_group, ready, torchrun_rank
 from parallel_infer.loader import ModelInfo, inspect_model, load_model
+from parallel_infer.model_settings import describe_sources, resolve_settings
+from parallel_infer.prompt_file import expand, read_prompt_file
 from parallel_infer.render import (
     Plan, Progress, Renderer, VideoSettings, check_prompts, complete_sidecar, plan_video, settings_record,
 )
@@ -34,6 +35,9 @@ class Video:
     prompt: str
     seed: int
     path: Path  # the MP4 rank 0 writes; its sidecar is the same path with the suffix .json
+    settings: VideoSettings | None = None  # its own (a prompt line's seconds or negative prompt); None: the request's
+    plan: Plan | None = None  # filled in by check_request
+    source: str = ""  # where it was asked for ("prompts.jsonl line 3"), for error messages
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Request:
     threads: int | None = None  # torch threads per process; None = torch's default
     options: ParallelOptions = ParallelOptions()
     out_dir: Path | None = None  # a batch's folder: rank 0 creates and marks it once every rank has loaded
+    sources: dict | None = None  # where each setting came from (parallel_infer/model_settings.py)
 
 
 def check_request(model_dir, settings: VideoSettings, videos: list[Video], ranks: int, timeout: float = 60.0,
@@ -57,10 +62,19 @@ def check_request(model_dir, settings: VideoSettings, videos: list[Video], ranks
     if threads is not None and (not isinstance(threads, int) or threads <= 0):
         raise UsageError(f"threads must be a positive integer, got {threads!r}")
     info = inspect_model(model_dir)
+    settings, sources = resolve_settings(info, settings)
     plan = plan_video(info, settings)
     check_options(options, info.num_layers, ranks, plan.config.guided)
-    check_prompts(info, plan, settings, [video.prompt for video in videos])
-    return Request(info, plan, settings, videos, timeout, threads, options)
+    checked = []
+    for video in videos:
+        own = settings if video.settings is None else resolve_settings(info, video.settings)[0]
+        try:
+            own_plan = plan if video.settings is None else plan_video(info, own)
+            check_prompts(info, own_plan, own, [video.prompt])
+        except UsageError as e:
+            raise UsageError(f"{video.source}: {e}" if video.source else str(e)) from None
+        checked.append(replace(video, settings=own, plan=own_plan))
+    return Request(info, plan, settings, checked, timeout, threads, options, sources=sources)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -97,18 +111,20 @@ def run_rank(request: Request, rank: int, world: int, store_file: str | None = N
         if rank == 0 and request.out_dir is not None:
             claim_dir(request.out_dir, "videos")  # so a model that fails to load leaves nothing behind
         loaded = time.perf_counter()
-        renderer = Renderer(model, request.plan, request.settings, request.timeout, topology, request.options.decode_thread)
         videos = [video for video, needed in zip(request.videos, todo.tolist()) if needed]
-        blocks, blocks_before = request.plan.config.num_blocks, 0
+        blocks, blocks_before = sum(video.plan.config.num_blocks for video in videos), 0
 
         def on_block(done: int, total: int) -> None:
-            progress(blocks_before + done, len(videos) * blocks)
+            progress(blocks_before + done, blocks)
 
         for video in videos:
+            renderer = Renderer(model, video.plan, video.settings, request.timeout, topology,
+                                request.options.decode_thread)  # cheap: wraps the loaded model
             record = renderer.render(video.prompt, video.seed, video.path, on_block if progress else None)
-            blocks_before += blocks
+            blocks_before += video.plan.config.num_blocks
             if rank == 0:
                 record["timings_s"]["load"] = loaded - start
+                record["settings_from"] = request.sources
                 if costs is not None:
                     record["parallel"]["measured_ms_per_block_step"] = costs.as_ms()
                 atomic_write_json(video.path.with_suffix(".json"), record)
@@ -122,39 +138,32 @@ def run_rank(request: Request, rank: int, world: int, store_file: str | None = N
     return records
 
 
-def read_prompts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise UsageError(f"prompts file not found: {path}")
-    try:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read prompts file {path}: {e}") from None
-    if not prompts:
-        raise UsageError(f"no prompts in {path}")
-    return prompts
-
-
-def video_name(index: int, prompt: str) -> str:
-    return f"{index:04d}-{re.sub(r'[^a-z0-9]+', '-', prompt.lower()).strip('-')[:48] or 'video'}.mp4"
-
-
 def render_prompt_file(model_dir: Path, prompts_file: Path, out_dir: Path, settings: VideoSettings, *,
-                       timeout: float = 60.0, threads: int | None = None,
+                       seeds_per_prompt: int = 1, timeout: float = 60.0, threads: int | None = None,
                        options: ParallelOptions = ParallelOptions()) -> list[dict]:
-    """One MP4 + sidecar per prompt line (video i: seed settings.seed + i, name NNNN-<prompt>.mp4), on this
-    process's torchrun rank or alone. A video already complete with the same settings is skipped; one that
-    exists with other settings is a UsageError. Everything is checked on every rank before any rank joins."""
+    """One MP4 + sidecar per prompt line and seed (parallel_infer/prompt_file.py: plain or JSON lines, names
+    `<name>-seed<seed>.mp4`), on this process's torchrun rank or alone. A video already complete with the same
+    settings is skipped; one that exists with other settings is a UsageError. Every line is checked on every
+    rank before any rank joins."""
     from tqdm import tqdm
 
     rank, world = torchrun_rank()
     check_owned(out_dir, "videos")
-    prompts = read_prompts(prompts_file)
-    videos = [Video(prompt, settings.seed + i, out_dir / video_name(i, prompt)) for i, prompt in enumerate(prompts)]
+    videos = []
+    for line, seed, name in expand(read_prompt_file(prompts_file), settings.seed, seeds_per_prompt, prompts_file):
+        own = {}  # what the line sets for itself
+        if line.seconds is not None:
+            own.update(seconds=line.seconds, frames=None)
+        if line.negative_prompt is not None:
+            own.update(negative_prompt=line.negative_prompt)
+        own = replace(settings, **own) if own else None
+        videos.append(Video(line.prompt, seed, out_dir / name, own, source=f"{prompts_file} line {line.line}"))
     request = replace(check_request(model_dir, settings, videos, world, timeout, threads, options), out_dir=out_dir)
-    info, plan = request.info, request.plan
-    complete = [complete_sidecar(v.path, settings_record(info, plan, settings, v.prompt, v.seed)) for v in videos]
+    complete = [complete_sidecar(v.path, settings_record(request.info, v.plan, v.settings, v.prompt, v.seed))
+                for v in request.videos]
     if rank == 0:
-        for video, done in zip(videos, complete):
+        print(describe_sources(request.settings, request.sources))  # information, on stdout: stderr is for the one-line error
+        for video, done in zip(request.videos, complete):
             if done:
                 print(f"skip {video.path} (complete)", file=sys.stderr)
     bar = None  # opened at the first block, so an error before it (a bad model, a lock) stays one line

@@ -33,18 +33,19 @@ Progress = Callable[[int, int], None]  # (blocks done, blocks in the video)
 
 @dataclass(frozen=True)
 class VideoSettings:
-    """What a user asks for. Exactly one of `frames` (video frames) or `seconds`."""
+    """What a user asks for. Exactly one of `frames` (video frames) or `seconds`. A None setting is filled in
+    from the model (its video_settings.json, else Wan's defaults) by parallel_infer.model_settings."""
 
     frames: int | None = None
     seconds: float | None = None
-    fps: int = 16
-    height: int | None = None  # pixels; None = the model's default
+    fps: int | None = None
+    height: int | None = None  # pixels
     width: int | None = None
-    steps: int = 50
-    block: int = 8  # latent frames
-    cat: int = 4
-    cfg: float = 5.0  # classifier-free guidance scale (--cfg), DualParalConfig.guidance_scale
-    flow_shift: float | None = None  # None = the model's default
+    steps: int | None = None
+    block: int | None = None  # latent frames
+    cat: int | None = None
+    cfg: float | None = None  # classifier-free guidance scale (--cfg), DualParalConfig.guidance_scale
+    flow_shift: float | None = None
     seed: int = 0
     negative_prompt: str = ""
     feature_cache: bool = True

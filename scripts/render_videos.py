@@ -1,13 +1,18 @@
-r"""Render one MP4 (+ JSON sidecar) per prompt line with DualParal, on N ranks or one plain process.
+r"""Render one MP4 (+ JSON sidecar) per prompt line and seed with DualParal, on N ranks or one plain process.
 
   torchrun --nproc_per_node N scripts/render_videos.py --model DIR --prompts prompts.txt \
-      (--frames F | --seconds S) [--fps 16] [--steps 50] [--block 8] [--cat 4] [--cfg 5.0] [--seed S] --out DIR
+      (--frames F | --seconds S) [--seeds-per-prompt N] [--steps ...] --out DIR
   python scripts/render_videos.py ...   (the same, as one process)
   torchrun --nnodes 2 --node-rank I --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
       scripts/render_videos.py ...      (two machines; see docs/dualparal.md)
 
-Video i gets seed S + i and the name NNNN-<prompt>.mp4. A video whose MP4 and sidecar already exist with the
-same settings is skipped, so a re-run finishes a batch; files are written under a temp name and renamed.
+The prompts file holds plain prompts, or JSON lines with "prompt" and optionally "seed", "negative_prompt",
+"seconds" and "name"; every line is checked before any model loads. A line renders --seeds-per-prompt videos,
+seeds s .. s+N-1 (s: its "seed", else --seed), named <name>-seed<s>.mp4 (name: its "name", else the prompt).
+Settings not given take the model's video_settings.json, else Wan2.1's defaults (50 steps, block 8, cat 4,
+CFG 5, shift 3, 16 fps); the first line printed says where each came from. A video whose MP4 and sidecar
+already exist with the same settings is skipped, so a re-run finishes a batch; files are written under a temp
+name and renamed.
 """
 from __future__ import annotations
 
@@ -29,21 +34,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path, help="diffusers Wan folder or a video expert directory")
-    p.add_argument("--prompts", required=True, type=Path, help="text file, one prompt per line")
+    p.add_argument("--prompts", required=True, type=Path, help="one prompt per line, or JSON lines (see above)")
     p.add_argument("--out", required=True, type=Path, help="folder of videos: new, empty, or one ddm rendered into")
     length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--frames", type=int, help="video frames (must fit the block layout)")
     length.add_argument("--seconds", type=float, help="video length; the layout is rounded up, the video is cut to it")
-    p.add_argument("--fps", type=int, default=16, help="frames per second of the MP4 (and of --seconds)")
-    p.add_argument("--height", type=int, help="pixels (default: the model's)")
-    p.add_argument("--width", type=int, help="pixels (default: the model's)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps per block")
-    p.add_argument("--block", type=int, default=8, help="latent frames per block")
-    p.add_argument("--cat", type=int, default=4, help="context latent frames shared with the previous block")
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--flow-shift", type=float, help="default: the model's scheduler shift, else 3.0")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first video; video i gets seed + i")
-    p.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance (default: empty)")
+    p.add_argument("--seeds-per-prompt", type=int, default=1, help="videos per prompt line, with consecutive seeds")
+    model = "default: the model's video_settings.json, else"
+    p.add_argument("--fps", type=int, help=f"frames per second of the MP4 (and of --seconds) ({model} 16)")
+    p.add_argument("--height", type=int, help="pixels (default: video_settings.json, else the model's size)")
+    p.add_argument("--width", type=int, help="pixels (default: video_settings.json, else the model's size)")
+    p.add_argument("--steps", type=int, help=f"denoising steps per block ({model} 50)")
+    p.add_argument("--block", type=int, help=f"latent frames per block ({model} 8)")
+    p.add_argument("--cat", type=int, help=f"context latent frames shared with the previous block ({model} 4)")
+    p.add_argument("--cfg", type=float, help=f"classifier-free guidance scale, 1 = off ({model} 5.0)")
+    p.add_argument("--flow-shift", type=float, help=f"flow shift of the sampler ({model} the model's scheduler shift, else 3.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of lines that give none (the first of --seeds-per-prompt)")
+    p.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance, for lines that give none (default: empty)")
     p.add_argument("--no-feature-cache", action="store_true", help="ablation: blocks ignore the next block's keys/values")
     p.add_argument("--independent-noise", action="store_true", help="ablation: i.i.d. noise per block")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a rank may stay silent while rendering before it is an error")
@@ -71,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         coordinated_noise=not args.independent_noise,
     )
     options = ParallelOptions(parse_layer_split(args.layer_split), args.cfg_parallel, args.decode_on, not args.decode_inline)
-    render_prompt_file(args.model, args.prompts, args.out, settings, timeout=args.timeout, threads=args.threads, options=options)
+    render_prompt_file(args.model, args.prompts, args.out, settings, seeds_per_prompt=args.seeds_per_prompt,
+                       timeout=args.timeout, threads=args.threads, options=options)
     return 0
 
 

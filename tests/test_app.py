@@ -133,9 +133,11 @@ def test_generate_images_with_routing_and_monolith(client, served):
                 count=3, compare=True, monolith_dir=str(demo / "experts" / "monolith"))
     images, routing, monolith = client.predict(**args, api_name="/generate_images")
     assert len(images) == 3 and len(monolith) == 3
-    for item in images + monolith:
-        assert png(item["image"]).size == (8, 8)
+    for item in images + monolith:  # 8x8 samples enlarged 20x, framed, the caption also written in a bar above
+        assert png(item["image"]).size == (8 * 20 + 8, 8 * 20 + 8 + 2 * 26)
     assert all(item["caption"].startswith("class ") and "expert " in item["caption"] for item in images)
+    bar = png(images[0]["image"]).convert("L").crop((0, 0, 8 * 20 + 8, 26))
+    assert bar.getextrema()[1] == 255  # the white label is drawn in the bar
     assert routing["type"] == "matplotlib" and routing["plot"].startswith("data:image/")
     again, _, _ = client.predict(**args, api_name="/generate_images")  # same seed, same images
     assert [png(a["image"]).tobytes() for a in again] == [png(b["image"]).tobytes() for b in images]
@@ -173,8 +175,24 @@ def test_render_video_on_two_worker_processes(client, served):
     assert record["ranks"] == 2 and (record["settings"]["height"], record["settings"]["width"]) == (16, 24)
     meta, *frames = imageio_ffmpeg.read_frames(video)
     assert meta["size"] == (24, 16) and len(frames) == 12
-    single, _ = client.predict(**args, workers=1, api_name="/render_video")  # DualParal: the same video on one process
+    single, first = client.predict(**args, workers=1, api_name="/render_video")  # DualParal: the same video on one process
     assert list(imageio_ffmpeg.read_frames(single))[1:] == frames
+    # The worker count changed, so that render loaded the model again; the next one finds it warm.
+    _, again = client.predict(**{**args, "seed": 4}, workers=1, negative_prompt="", api_name="/render_video")
+    assert first["timings_s"]["load"] > 0.5 and again["timings_s"]["load"] < 0.1 and again["settings"]["seed"] == 4
+
+
+def test_the_video_model_fills_in_its_settings_and_prompt_hints(client, served):
+    _, demo, _ = served
+    (demo / "video-model" / "video_settings.json").write_text('{"steps": 7, "block": 6, "cat": 2, "cfg": 2.5, "fps": 12, "size": 24}')
+    try:
+        fps, height, width, steps, block, cat, cfg, notes = client.predict(str(demo / "video-model"), api_name="/video_model_settings")
+    finally:
+        (demo / "video-model" / "video_settings.json").unlink()
+    assert (fps, height, width, steps, block, cat, cfg) == (12, 24, 24, 7, 6, 2, 2.5)
+    assert "video_settings.json" in notes and "a cat runs" in notes  # where they came from; the known prompts
+    *_, notes = client.predict(str(demo / "missing"), api_name="/video_model_settings")
+    assert "not a directory" in notes
 
 
 @pytest.mark.parametrize(
@@ -244,7 +262,7 @@ def test_browser_generates_and_screenshots_every_tab(served):
         page.get_by_text("Routing weights per expert").wait_for()
         page.screenshot(path=ARTIFACTS / "app-images.png", full_page=True)
         page.get_by_role("tab", name="Video").click()
-        page.get_by_label("Prompt").fill(VIDEO_PROMPT)
+        page.get_by_label("Prompt", exact=True).fill(VIDEO_PROMPT)
         for field, value in [("seconds", "1"), ("height", "32"), ("width", "32"), ("steps", "3"), ("workers", "1")]:
             page.locator(f"#video-{field} input[type=number]").fill(value)
             page.locator(f"#video-{field} input[type=number]").press("Enter")

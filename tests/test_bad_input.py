@@ -179,7 +179,7 @@ def our_video_folder_with_user_mp4(world, w):
     from ddm.io import mark_owned
 
     mark_owned(w / "vids", "videos")
-    (w / "vids" / "0000-a-3-moving-right.mp4").write_bytes(b"my own video")
+    (w / "vids" / "a-3-moving-right-seed0.mp4").write_bytes(b"my own video")
 
 
 def long_third_prompt(world, w):
@@ -213,7 +213,7 @@ CASES = [
     ("partition-manifest-plus-notes", PARTITION, "notes.txt", manifest_with_notes),
     ("sample-beside-manifest", [*SAMPLE[:-1], "{w}/m/manifest.png"], "manifest.json", manifest_with_notes),
     ("sample-user-safetensors", SAMPLE, "grid.safetensors", lambda r, w: (w / "grid.safetensors").write_bytes(b"mine")),
-    ("render-user-mp4", RENDER, "0000-a-3-moving-right.mp4", our_video_folder_with_user_mp4),
+    ("render-user-mp4", RENDER, "a-3-moving-right-seed0.mp4", our_video_folder_with_user_mp4),
     ("render-user-folder", RENDER, "{w}/vids", lambda r, w: user_folder(w / "vids")),
     ("train-user-metrics", TRAIN, "{w}/out", metrics_only),
     ("train-out-router", [*TRAIN[:-1], "{r}/router"], "{r}/router", None),

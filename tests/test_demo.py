@@ -16,14 +16,15 @@ def test_fast_demo_builds_the_page(tmp_path):
     run = subprocess.run([sys.executable, "scripts/demo.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
     page = (out / "index.html").read_text()
-    for asset in ("grid.png", "video.mp4", "training.png"):
+    for asset in ("grid.png", "video.mp4", "training.png", "motion.png"):
         assert asset in page and (out / asset).stat().st_size > 0
     assert sorted(p.name for p in (out / "experts").iterdir()) == ["island-0", "island-1", "island-2", "island-3", "monolith"]
     fids = [json.loads((out / f"eval-{m}.json").read_text())["fid"] for m in ("ensemble", "monolith")]
     assert all(f > 0 for f in fids) and f"{fids[0]:.1f}" in page
     frames = sum(1 for _ in iio.imiter(out / "video.mp4"))
     record = json.loads((out / "video.json").read_text())
-    assert frames == record["frames_written"] == 4 * 16 and record["ranks"] == 2
+    assert frames == record["frames_written"] == 4 * record["settings"]["fps"] and record["ranks"] == 2
+    assert "motion score" in page and f"{json.loads((out / 'video-scores.json').read_text())['results'][0]['motion']:.3f}" in page
     # A second run reuses every stage: nothing is retrained or re-rendered.
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "video.mp4", out / "experts" / "monolith" / "expert.json")}
     again = subprocess.run([sys.executable, "scripts/demo.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=200)

@@ -209,7 +209,7 @@ def test_two_torchrun_nodes_match_one_process(tmp_path):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     assert cli.main([*args[1:], "--out", str(tmp_path / "one")]) == 0
-    name = "0000-a-cat-runs"
+    name = "a-cat-runs-seed0"  # <prompt>-seed<seed>, seed 0 by default
     assert np.array_equal(iio.imread(tmp_path / "two" / f"{name}.mp4"), iio.imread(tmp_path / "one" / f"{name}.mp4"))
     sidecar = json.loads((tmp_path / "two" / f"{name}.json").read_text())
     assert sidecar["ranks"] == 2 and sidecar["bytes_sent"] > 0 and sidecar["parallel"]["decode_rank"] == 1

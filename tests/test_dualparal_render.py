@@ -238,14 +238,14 @@ def test_cli_renders_skips_and_refuses(cli, pixel_model, tmp_path, capsys):
 
     assert cli.main(args()) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == [".ddm-owner.json", "0000-a-cat-runs.json", "0000-a-cat-runs.mp4", "0001-a-dog-jumps.json", "0001-a-dog-jumps.mp4"]
-    sidecar = json.loads((out / "0001-a-dog-jumps.json").read_text())
-    assert sidecar["settings"]["seed"] == 6 and sidecar["ranks"] == 1 and sidecar["bytes_sent"] == 0
-    stamp = (out / "0000-a-cat-runs.mp4").stat().st_mtime_ns
+    assert names == [".ddm-owner.json", "a-cat-runs-seed5.json", "a-cat-runs-seed5.mp4", "a-dog-jumps-seed5.json", "a-dog-jumps-seed5.mp4"]
+    sidecar = json.loads((out / "a-dog-jumps-seed5.json").read_text())
+    assert sidecar["settings"]["seed"] == 5 and sidecar["ranks"] == 1 and sidecar["bytes_sent"] == 0
+    stamp = (out / "a-cat-runs-seed5.mp4").stat().st_mtime_ns
     capsys.readouterr()
     assert cli.main(args()) == 0
-    assert "skip" in capsys.readouterr().err and (out / "0000-a-cat-runs.mp4").stat().st_mtime_ns == stamp
-    assert cli.main(args(seed=7)) == 2  # same files, other settings: refused, nothing overwritten
+    assert "skip" in capsys.readouterr().err and (out / "a-cat-runs-seed5.mp4").stat().st_mtime_ns == stamp
+    assert cli.main(args(steps=3)) == 2  # same files, other settings: refused, nothing overwritten
     assert "exists with other settings" in capsys.readouterr().err
     assert cli.main(args(threads=0)) == 2 and "threads must be a positive integer, got 0" in capsys.readouterr().err
     assert cli.main(args(**{"layer-split": "4"})) == 2
@@ -253,4 +253,4 @@ def test_cli_renders_skips_and_refuses(cli, pixel_model, tmp_path, capsys):
     assert cli.main(args(frames=11)) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: 11 latent frames do not fit")
-    assert (out / "0000-a-cat-runs.mp4").stat().st_mtime_ns == stamp
+    assert (out / "a-cat-runs-seed5.mp4").stat().st_mtime_ns == stamp

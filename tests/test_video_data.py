@@ -1,4 +1,5 @@
 """Moving-digits clips: deterministic, streamed, consistent with their prompts and labels."""
+import numpy as np
 import pytest
 import torch
 
@@ -87,3 +88,17 @@ def test_spec_round_trips():
     c = MovingDigitsConfig.parse("moving-digits:size=16,frames=8,max_digits=1")
     assert (c.size, c.frames, c.max_digits) == (16, 8, 1)
     assert MovingDigitsConfig.parse(c.spec()) == c
+
+
+def test_speed_moves_on_a_grid_and_leaves_older_specs_alone():
+    old = MovingDigitsDataset("moving-digits:size=12,frames=8,max_digits=1,variants=1,clips=8192")
+    assert old.fingerprint == "a302ac25a7f52483" and "speed" not in old.config.spec()  # the shipped quick model's data
+    fast = MovingDigitsDataset("moving-digits:size=16,frames=24,clips=20,speed=2")
+    for i in range(len(fast)):
+        p = fast.params(i)
+        steps = np.abs(np.diff(bounce(p["start"], p["velocity"], 24, 8), axis=-1))
+        moving = p["velocity"] != 0
+        assert (p["start"] % 2 == 0).all() and (steps[moving] == 2).all() and (steps[~moving] == 0).all()  # never stalls
+    assert "speed=2" in fast.config.spec() and fast.fingerprint != MovingDigitsDataset("moving-digits:size=16,frames=24,clips=20").fingerprint
+    with pytest.raises(UsageError, match="speed must be >= 1 and divide size - 8 = 8, got 3"):
+        MovingDigitsConfig.parse("moving-digits:size=16,speed=3")

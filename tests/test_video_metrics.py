@@ -68,12 +68,15 @@ def test_cli_on_numpy_frames_and_an_upscaled_mp4(tmp_path, clips, capsys):
     results = json.loads(out.read_text())["results"]
     assert [r["frames"] for r in results] == [40, 40]
     assert results[0]["fidelity"] >= 0.95 and results[1]["fidelity"] >= 0.9  # MP4 compression costs a little
-    assert "fidelity" in capsys.readouterr().out
+    assert results[0]["motion"] >= 0.95 and results[1]["motion"] >= 0.9 and len(results[1]["motion_curve"]) == 10
+    printed = capsys.readouterr().out
+    assert "fidelity" in printed and "motion per tenth" in printed
 
 
 @pytest.mark.parametrize("args, message", [
     (["missing.npy", "--prompts", "a 3 bouncing"], "not found"),
     (["{npy}", "--prompts", "a cat"], "names 0 digits"),
+    (["{npy}", "--prompts", "a 3 moving up left"], "names 2 motions"),
     (["{npy}", "{npy}", "--prompts", "a 1 bouncing", "a 2 bouncing", "a 3 bouncing"], "3 prompts for 2 videos"),
     (["{npy}", "--prompts", "a 1 bouncing", "--block", "0"], "--block must be >= 1"),
 ])

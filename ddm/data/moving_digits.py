@@ -7,6 +7,8 @@ on every machine. Clips are (C=1, F, H, W) in [-1, 1], the layout WanTransformer
 
 A data spec names the set on the command line: `moving-digits` or `moving-digits:size=16,frames=12,clips=2048`;
 `variants=N` draws each digit from the first N images of its class only (easier, for quick models).
+`speed=N` moves digits N pixels per frame from start positions on a grid of N pixels, so they stay on that grid
+and bounce without stalling (with N = 2 every move is one whole 2x2 patch of a Wan transformer).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class MovingDigitsConfig:
     max_digits: int = 2
     seed: int = 0
     variants: int = 0  # source images per digit class (the first ones of the embedded set); 0 = all ~180
+    speed: int = 1  # pixels per frame
 
 
     def __post_init__(self):
@@ -50,10 +53,12 @@ class MovingDigitsConfig:
             raise UsageError(f"moving digits: max_digits must be 1 or 2, got {self.max_digits}")
         if self.variants < 0:
             raise UsageError(f"moving digits: variants must be >= 0 (0 = all images of a class), got {self.variants}")
+        if self.speed < 1 or (self.size - DIGIT_SIZE) % self.speed:
+            raise UsageError(f"moving digits: speed must be >= 1 and divide size - {DIGIT_SIZE} = {self.size - DIGIT_SIZE}, got {self.speed}")
 
     @classmethod
     def parse(cls, spec: str) -> "MovingDigitsConfig":
-        """`moving-digits[:key=value,...]` with keys clips, frames, size, max_digits, seed, variants."""
+        """`moving-digits[:key=value,...]` with keys clips, frames, size, max_digits, seed, variants, speed."""
         name, _, options = spec.partition(":")
         if name != "moving-digits":
             raise UsageError(f"not a moving-digits spec: {spec!r}")
@@ -70,7 +75,12 @@ class MovingDigitsConfig:
         return cls(**values)
 
     def spec(self) -> str:
-        return "moving-digits:" + ",".join(f"{k}={v}" for k, v in asdict(self).items())
+        return "moving-digits:" + ",".join(f"{k}={v}" for k, v in self.identity().items())
+
+    def identity(self) -> dict:
+        """The fields that define the clips; speed 1 (the original generator) is left out, so the specs and
+        fingerprints of sets made before speed existed stay as they were."""
+        return {k: v for k, v in asdict(self).items() if not (k == "speed" and v == 1)}
 
 
 def bounce(start: np.ndarray, velocity: np.ndarray, frames: int, span: int) -> np.ndarray:
@@ -110,7 +120,7 @@ class MovingDigitsDataset(Dataset):
         labels = self.digits.labels.numpy()
         self._by_class = [np.flatnonzero(labels == c) for c in range(10)]
         h = hashlib.sha256(GENERATOR_VERSION.encode())
-        h.update(json.dumps(asdict(self.config), sort_keys=True).encode())
+        h.update(json.dumps(self.config.identity(), sort_keys=True).encode())
         h.update(self.digits.fingerprint.encode())
         self.fingerprint = h.hexdigest()[:16]
 
@@ -127,11 +137,12 @@ class MovingDigitsDataset(Dataset):
         sources = np.array([rng.choice(self._by_class[c][: self.config.variants or None]) for c in labels])
         motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
         span = self.size - DIGIT_SIZE
-        start = rng.integers(0, span + 1, (n, 2))  # (x, y)
+        speed = self.config.speed
+        start = rng.integers(0, span // speed + 1, (n, 2)) * speed  # (x, y)
         if motion == "bouncing":
-            velocity = rng.choice([-1, 1], (n, 2))
+            velocity = rng.choice([-1, 1], (n, 2)) * speed
         else:
-            velocity = np.tile(np.array(_DIRECTIONS[motion]), (n, 1))
+            velocity = np.tile(np.array(_DIRECTIONS[motion]), (n, 1)) * speed
         return dict(labels=labels.tolist(), sources=sources, start=start, velocity=velocity, motion=motion,
                     prompt=make_prompt(labels.tolist(), motion))
 

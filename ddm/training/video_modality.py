@@ -22,7 +22,7 @@ from ddm.training.modality import Modality
 PATCH_SIZE = (1, 2, 2)
 PROMPT_LENGTH = 8  # words; the longest generated prompt ("7 and 1 moving right") has 5
 # Pixel-space Wan sizes, kept small enough to train on a shared 2-core CPU. Parameters: tiny ~25k (tests),
-# small ~0.15M (the shipped quick model, ddm/assets/video/quick).
+# small ~0.15M (the first quick model), base ~0.3M (the shipped quick model, ddm/assets/video/quick).
 VIDEO_PRESETS = {
     "tiny": dict(
         transformer=dict(num_layers=2, num_attention_heads=2, attention_head_dim=12, ffn_dim=48, freq_dim=32),
@@ -30,6 +30,13 @@ VIDEO_PRESETS = {
     ),
     "small": dict(
         transformer=dict(num_layers=3, num_attention_heads=3, attention_head_dim=16, ffn_dim=192, freq_dim=32),
+        text=dict(dim=32, num_layers=1, num_heads=2),
+    ),
+    # Wan's rotary table gives each spatial axis 2 * (head_dim // 6) channels: at head_dim 16 that is two
+    # frequencies, 1 and 0.01 rad per patch, so patches 6 apart look alike (6 rad ~ 2 pi). head_dim 32 adds
+    # 0.16 rad per patch, which tells every place on a 16x16 canvas (8 patches) from every other.
+    "base": dict(
+        transformer=dict(num_layers=4, num_attention_heads=2, attention_head_dim=32, ffn_dim=256, freq_dim=32),
         text=dict(dim=32, num_layers=1, num_heads=2),
     ),
 }
