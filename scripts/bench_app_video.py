@@ -24,12 +24,12 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=REPO / "ddm" / "assets" / "video" / "quick")
-    parser.add_argument("--prompt", default="a 3 moving right")
-    parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--renders", type=int, default=3)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", type=Path, default=REPO / "ddm" / "assets" / "video" / "quick", help="video model folder")
+    parser.add_argument("--prompt", default="a 3 moving right", help="prompt of every render")
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of each video")
+    parser.add_argument("--workers", type=int, default=2, help="DualParal ranks of the warm pool")
+    parser.add_argument("--renders", type=int, default=3, help="renders in a row (the first one loads)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 

@@ -292,6 +292,7 @@ def validate(rounds: int, tiny: bool) -> dict:
     from parallel_infer.api import render_video
     from parallel_infer.balance import measure_costs
     from parallel_infer.loader import inspect_model
+    from parallel_infer.model_settings import resolve_settings
     from parallel_infer.render import VideoSettings, plan_video
     from parallel_infer.tiny import write_tiny_model
 
@@ -305,7 +306,8 @@ def validate(rounds: int, tiny: bool) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="dualparal-scaling-"))
     model_dir = write_tiny_model(tmp / "model", prompts=("a cat runs", ""), text_tokens=16, **model)
     info = inspect_model(model_dir)
-    plan = plan_video(info, VideoSettings(frames=frames, **{k: v for k, v in video.items()}))
+    settings, _ = resolve_settings(info, VideoSettings(frames=frames, **{k: v for k, v in video.items()}))
+    plan = plan_video(info, settings)
     costs = measure_costs(info, plan, torch.device("cpu"), torch.float32, batch=2)
     d = model["heads"] * model["head_dim"]
     hidden = 2 * (video["block"] + video["cat"]) * (video["height"] // 2) * (video["width"] // 2) * d * F32

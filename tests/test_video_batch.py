@@ -79,8 +79,8 @@ def test_jsonl_seeds_names_and_per_line_settings(cli, pixel_model, tmp_path, cap
                        '{"prompt": "a dog jumps", "seed": 7, "negative_prompt": "blur", "seconds": 1, "name": "dog"}\n')
     out = tmp_path / "out"
     assert cli.main(args_for(pixel_model, prompts, out, **{"seeds-per-prompt": 2, "fps": 8})) == 0
-    err = capsys.readouterr().err
-    assert "steps 2" in err and "as given" in err and "Wan2.1 default" in err  # cfg and flow shift were not given
+    told = capsys.readouterr().out  # where each setting came from: information, so on stdout
+    assert "steps 2" in told and "as given" in told and "Wan2.1 default" in told  # cfg and flow shift were not given
     names = sorted(p.name for p in out.glob("*.mp4"))
     assert names == ["a-cat-runs-seed0.mp4", "a-cat-runs-seed1.mp4", "dog-seed7.mp4", "dog-seed8.mp4"]
     dog = json.loads((out / "dog-seed8.json").read_text())
