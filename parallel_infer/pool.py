@@ -73,15 +73,19 @@ class RenderPool:
         video = VideoSettings(frames=frames, seconds=seconds, **settings)
         request = check_request(self.model_dir, video, [Video(prompt, video.seed, Path(out_path))], self.ranks, self.timeout, self.threads)
         start = time.perf_counter()
-        if not self.ready:
-            self.load_seconds = self._wait("ready", STARTUP_TIMEOUT)
-            self.ready = True
+        self.wait_ready()
         waited = time.perf_counter() - start
         for jobs in self.jobs:
             jobs.put(request)
         record = self._wait("done", self.timeout * (request.plan.config.num_iterations + 1), progress_callback)
         record["timings_s"]["load"] = waited
         return record
+
+    def wait_ready(self) -> None:
+        """Until every rank has loaded the model (at once when they have)."""
+        if not self.ready:
+            self.load_seconds = self._wait("ready", STARTUP_TIMEOUT)
+            self.ready = True
 
     def _wait(self, wanted: str, limit: float, progress: Progress | None = None):
         """The payload of the next `wanted` event; progress events go to `progress`. An error, a rank that exits,
@@ -156,7 +160,8 @@ def _serve(rank: int, world: int, store: str, info, threads, timeout: float, par
         while (request := _next_job(jobs, parent)) is not None:
             _render(request, model, rank, events)
     except BaseException as e:  # noqa: BLE001 - every failure must reach the caller, which then closes the pool
-        events.put(("error", (f"rank {rank}: {e}", isinstance(e, UsageError))))
+        message = str(e) if str(e).startswith(f"rank {rank}:") else f"rank {rank}: {e}"  # PeerFailure names it
+        events.put(("error", (message, isinstance(e, UsageError))))
         events.close()
         events.join_thread()
         os._exit(2 if isinstance(e, UsageError) else 1)  # a peer may be gone: no collective teardown that could hang

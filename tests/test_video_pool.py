@@ -41,7 +41,7 @@ def test_a_dead_rank_fails_the_render_and_closes_the_pool(tmp_path):
     model = write_tiny_model(tmp_path / "m", layers=2, prompts=("a cat runs", ""))
     pool = RenderPool(model, ranks=2, threads=1, timeout=5)
     try:
-        pool.render("a cat runs", tmp_path / "a.mp4", **SMALL)
+        pool.wait_ready()
         pool.processes[1].kill()
         with pytest.raises(RuntimeError, match="rank"):
             pool.render("a cat runs", tmp_path / "b.mp4", **SMALL)
