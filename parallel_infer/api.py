@@ -35,7 +35,7 @@ def render_video(
     layer_split: str | tuple[int, ...] | None = None,
     cfg_parallel: bool = False,
     decode_on: str = "first",
-    decode_thread: bool = True,
+    decode: str = "auto",
     **settings,
 ) -> dict:
     """Render `prompt` to the MP4 `out_path` (+ a `.json` sidecar beside it) and return the sidecar dict.
@@ -48,13 +48,13 @@ def render_video(
     `threads` sets torch's thread count in this process and each worker. Placement (the video is the same):
     `layer_split` ("auto"/None: balanced by measured cost, or "14,16" / (14, 16) layers per stage),
     `cfg_parallel` (two rank groups, conditional and unconditional), `decode_on` ("first" or "last" rank),
-    `decode_thread` (decode beside denoising; False: inline, on the critical path).
+    `decode` ("thread": beside denoising, "inline": on the critical path, "auto": thread on a GPU, inline on a CPU).
     Every setting is checked (UsageError) before any weight loads or process starts, as the CLI checks it.
     """
     video = VideoSettings(frames=frames, seconds=seconds, **settings)
     out_path = Path(out_path)
     split = parse_layer_split(layer_split) if isinstance(layer_split, str) else layer_split
-    options = ParallelOptions(split, cfg_parallel, decode_on, decode_thread)
+    options = ParallelOptions(split, cfg_parallel, decode_on, decode)
     request = check_request(model_dir, video, [Video(prompt, video.seed, out_path)], ranks, timeout, threads, options)
     print(describe_sources(request.settings, request.sources))  # information, on stdout: stderr is for the one-line error
     owned_sidecar(out_path)  # an MP4 or sidecar there that ddm did not render is never overwritten

@@ -119,7 +119,7 @@ def run_rank(request: Request, rank: int, world: int, store_file: str | None = N
 
         for video in videos:
             renderer = Renderer(model, video.plan, video.settings, request.timeout, topology,
-                                request.options.decode_thread)  # cheap: wraps the loaded model
+                                request.options.decode)  # cheap: wraps the loaded model
             record = renderer.render(video.prompt, video.seed, video.path, on_block if progress else None)
             blocks_before += video.plan.config.num_blocks
             if rank == 0:

@@ -137,15 +137,17 @@ class Renderer:
     """One rank's renderer for a batch of videos sharing one plan (the model loads once)."""
 
     def __init__(self, model: VideoModel, plan: Plan, settings: VideoSettings, timeout: float = 60.0,
-                 topology: Topology | None = None, decode_thread: bool = True):
+                 topology: Topology | None = None, decode: str = "auto"):
         self.model, self.plan, self.settings, self.timeout = model, plan, settings, timeout
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.topology = topology or Topology.even(model.info.num_layers, world)
-        self.decode_thread = decode_thread
         config = plan.config
         self.adapter = WanAdapter(model.transformer, config.block + config.cat, config.cat, *plan.latent_size,
                                   model_2=model.transformer_2, boundary_timestep=model.boundary_timestep)
+        # auto: a thread on a GPU (its work goes to its own stream); inline on a CPU, where a thread would take
+        # cores from the ranks (docs/BENCHMARKS.md, decode placement)
+        self.decode_thread = decode == "thread" or (decode == "auto" and self.adapter.device.type == "cuda")
 
     def render(self, prompt: str, seed: int, out: Path | None, progress: Progress | None = None) -> dict | None:
         """Render on every rank; the decode rank writes the MP4 `out`, rank 0 returns the sidecar dict.
@@ -184,7 +186,7 @@ class Renderer:
             "settings": settings_record(self.model.info, self.plan, self.settings, prompt, seed),
             "sha256": sha256_file(out),  # eval-video and a re-run check the MP4 against it
             "ranks": self.topology.world,
-            "parallel": {**self.topology.describe(), "decode_thread": self.decode_thread},
+            "parallel": {**self.topology.describe(), "decode": "thread" if self.decode_thread else "inline"},
             "device": str(self.adapter.device),
             "dtype": str(self.adapter.dtype).removeprefix("torch."),
             "frames_written": int(written),

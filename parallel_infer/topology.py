@@ -17,16 +17,17 @@ from ddm import UsageError
 from parallel_infer.layer_split import check_layer_split, layer_ranges, split_layers
 
 DECODE_RANKS = ("first", "last")
+DECODE_MODES = ("auto", "thread", "inline")
 
 
 @dataclass(frozen=True)
 class ParallelOptions:
-    """What the user chooses about placement (--layer-split, --cfg-parallel, --decode-on, --decode-inline)."""
+    """What the user chooses about placement (--layer-split, --cfg-parallel, --decode-on, --decode)."""
 
     layer_split: tuple[int, ...] | None = None  # layers per pipeline stage; None = balanced by measured cost
     cfg_parallel: bool = False  # two rank groups: conditional and unconditional branch
     decode_on: str = "first"  # "first": rank 0 decodes; "last": the last rank (rank 0 sends it each final block)
-    decode_thread: bool = True  # decode + write in a thread beside denoising (its own CUDA stream on GPU)
+    decode: str = "auto"  # "thread": beside denoising (own CUDA stream), "inline", "auto": thread on a GPU, inline on a CPU
 
     def groups(self) -> int:
         return 2 if self.cfg_parallel else 1
@@ -39,6 +40,8 @@ def check_options(options: ParallelOptions, num_layers: int, ranks: int, guided:
     """UsageError (one line) for options that cannot work with this model, rank count and guidance."""
     if options.decode_on not in DECODE_RANKS:
         raise UsageError(f"--decode-on {options.decode_on!r}: choose first or last")
+    if options.decode not in DECODE_MODES:
+        raise UsageError(f"--decode {options.decode!r}: choose auto, thread or inline")
     if options.cfg_parallel:
         if not guided:
             raise UsageError("--cfg-parallel needs guidance (--cfg other than 1): without it there is no unconditional branch")

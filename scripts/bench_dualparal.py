@@ -251,13 +251,13 @@ def decode_placement(tmp: Path, rounds: int) -> dict:
 
     model = write_tiny_model(tmp / "vae-model", vae=True, prompts=(PROMPT, ""), text_tokens=16, **DECODE_MODEL)
     frames = 2 * (DECODE_VIDEO["block"] + DECODE_VIDEO["cat"] + (DECODE_BLOCKS - 1) * DECODE_VIDEO["block"] - 1) + 1
-    runs = {"1 process x 1 thread, inline": (1, 1, dict(decode_thread=False)),
-            "1 process x 1 thread, decode thread": (1, 1, dict(decode_thread=True)),
-            "1 process x 2 threads, inline": (1, 2, dict(decode_thread=False)),
-            "2 ranks x 1 thread, first, inline": (2, 1, dict(decode_on="first", decode_thread=False)),
-            "2 ranks x 1 thread, first, thread": (2, 1, dict(decode_on="first", decode_thread=True)),
-            "2 ranks x 1 thread, last, inline": (2, 1, dict(decode_on="last", decode_thread=False)),
-            "2 ranks x 1 thread, last, thread": (2, 1, dict(decode_on="last", decode_thread=True))}
+    runs = {"1 process x 1 thread, inline": (1, 1, dict(decode="inline")),
+            "1 process x 1 thread, decode thread": (1, 1, dict(decode="thread")),
+            "1 process x 2 threads, inline": (1, 2, dict(decode="inline")),
+            "2 ranks x 1 thread, first, inline": (2, 1, dict(decode_on="first", decode="inline")),
+            "2 ranks x 1 thread, first, thread": (2, 1, dict(decode_on="first", decode="thread")),
+            "2 ranks x 1 thread, last, inline": (2, 1, dict(decode_on="last", decode="inline")),
+            "2 ranks x 1 thread, last, thread": (2, 1, dict(decode_on="last", decode="thread"))}
     records = interleaved(runs, rounds, lambda name, run, r: render_video(
         model, PROMPT, tmp / f"e-{r}-{len(name)}.mp4", frames=frames, ranks=run[0], threads=run[1], **DECODE_VIDEO, **run[2]))
     keys = ("total", "denoise", "decode_write", "decode_tail")

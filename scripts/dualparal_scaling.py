@@ -290,7 +290,7 @@ def validate(rounds: int, tiny: bool) -> dict:
     import os
 
     from parallel_infer.api import render_video
-    from parallel_infer.balance import measure_costs
+    from parallel_infer.balance import StageCosts, measure_costs
     from parallel_infer.loader import inspect_model
     from parallel_infer.model_settings import resolve_settings
     from parallel_infer.render import VideoSettings, plan_video
@@ -308,7 +308,6 @@ def validate(rounds: int, tiny: bool) -> dict:
     info = inspect_model(model_dir)
     settings, _ = resolve_settings(info, VideoSettings(frames=frames, **{k: v for k, v in video.items()}))
     plan = plan_video(info, settings)
-    costs = measure_costs(info, plan, torch.device("cpu"), torch.float32, batch=2)
     d = model["heads"] * model["head_dim"]
     hidden = 2 * (video["block"] + video["cat"]) * (video["height"] // 2) * (video["width"] // 2) * d * F32
     per_byte, fixed = measure_link(hidden)
@@ -316,13 +315,15 @@ def validate(rounds: int, tiny: bool) -> dict:
     cores = len(os.sched_getaffinity(0))
     ranks = (1, 2) if tiny else (1, 2, 3)
     measured = {n: [] for n in ranks}
-    capacities = []
-    for r in range(rounds):  # interleaved: the machine may be shared
+    capacities, measured_costs = [], []
+    for r in range(rounds):  # interleaved: the machine may be shared, so every figure is taken in every round
+        measured_costs.append(measure_costs(info, plan, torch.device("cpu"), torch.float32, batch=2))
         capacities.append(capacity(1, work=150 if tiny else 1500))
         for n in ranks:
             rec = render_video(model_dir, "a cat runs", tmp / f"v{n}-{r}.mp4", frames=frames, ranks=n, threads=1, **video)
             measured[n].append(rec["timings_s"]["denoise"])
     two = statistics.median(capacities)
+    costs = StageCosts(*(statistics.median(getattr(c, f) for c in measured_costs) for f in ("layer", "entry", "head", "decode")))
     rows = []
     for n in ranks:
         sizes = costs.split(model["layers"], n, 0)

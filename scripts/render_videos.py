@@ -61,8 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     place.add_argument("--cfg-parallel", action="store_true",
                        help="two rank groups run the conditional and the unconditional branch (even rank count, --cfg != 1)")
     place.add_argument("--decode-on", choices=["first", "last"], default="first", help="the rank that decodes and writes the MP4")
-    place.add_argument("--decode-inline", action="store_true",
-                       help="decode on the denoising thread (default: a decode thread beside it, its own CUDA stream on GPU)")
+    place.add_argument("--decode", choices=["auto", "thread", "inline"], default="auto",
+                       help="thread: decode beside denoising (its own CUDA stream); inline: on the denoising thread; "
+                            "auto: thread on a GPU, inline on a CPU")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, feature_cache=not args.no_feature_cache,
         coordinated_noise=not args.independent_noise,
     )
-    options = ParallelOptions(parse_layer_split(args.layer_split), args.cfg_parallel, args.decode_on, not args.decode_inline)
+    options = ParallelOptions(parse_layer_split(args.layer_split), args.cfg_parallel, args.decode_on, args.decode)
     render_prompt_file(args.model, args.prompts, args.out, settings, seeds_per_prompt=args.seeds_per_prompt,
                        timeout=args.timeout, threads=args.threads, options=options)
     return 0

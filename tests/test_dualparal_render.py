@@ -202,6 +202,7 @@ def test_bad_requests_fail_before_any_work(pixel_model, tmp_path):
         (dict(ranks=2, cfg_parallel=True, cfg=1.0), r"--cfg-parallel needs guidance"),
         (dict(ranks=8, cfg_parallel=True), r"4 ranks but the model has only 3 layers"),  # 4 stages per group
         (dict(ranks=2, decode_on="middle"), r"--decode-on 'middle': choose first or last"),
+        (dict(decode="gpu"), r"--decode 'gpu': choose auto, thread or inline"),
     ],
 )
 def test_bad_placements_fail_before_any_process_starts(pixel_model, tmp_path, options, message):
