@@ -290,7 +290,7 @@ def validate(rounds: int, tiny: bool) -> dict:
     import os
 
     from parallel_infer.api import render_video
-    from parallel_infer.balance import StageCosts, measure_costs
+    from parallel_infer.balance import measure_costs
     from parallel_infer.loader import inspect_model
     from parallel_infer.model_settings import resolve_settings
     from parallel_infer.render import VideoSettings, plan_video
@@ -314,29 +314,27 @@ def validate(rounds: int, tiny: bool) -> dict:
     link = hidden * per_byte + fixed
     cores = len(os.sched_getaffinity(0))
     ranks = (1, 2) if tiny else (1, 2, 3)
-    measured = {n: [] for n in ranks}
-    capacities, measured_costs = [], []
-    for r in range(rounds):  # interleaved: the machine may be shared, so every figure is taken in every round
-        measured_costs.append(measure_costs(info, plan, torch.device("cpu"), torch.float32, batch=2))
-        capacities.append(capacity(1, work=150 if tiny else 1500))
+    runs = {n: [] for n in ranks}
+    for r in range(rounds):  # interleaved, and each render predicted from figures taken just before it
         for n in ranks:
+            costs = measure_costs(info, plan, torch.device("cpu"), torch.float32, batch=2)
+            two = capacity(1, work=150 if tiny else 1500) if n > 1 else 1.0
+            sizes = costs.split(model["layers"], n, 0)
+            share = max(1.0, n / min(two, cores)) if n > 1 else 1.0  # each busy stage's slice of the machine
+            stage = [share * (k * costs.layer + e) for k, e in zip(sizes, costs.extras(n, 0))]
+            predicted = simulate(blocks, video["steps"], stage, link if n > 1 else 0.0, fixed if n > 1 else 0.0)
             rec = render_video(model_dir, "a cat runs", tmp / f"v{n}-{r}.mp4", frames=frames, ranks=n, threads=1, **video)
-            measured[n].append(rec["timings_s"]["denoise"])
-    two = statistics.median(capacities)
-    costs = StageCosts(*(statistics.median(getattr(c, f) for c in measured_costs) for f in ("layer", "entry", "head", "decode")))
+            runs[n].append({"predicted_s": predicted, "measured_s": rec["timings_s"]["denoise"], "capacity": two,
+                            "layer_ms": costs.layer * 1e3, "layer_split": list(sizes)})
     rows = []
     for n in ranks:
-        sizes = costs.split(model["layers"], n, 0)
-        share = max(1.0, n / min(two, cores)) if n > 1 else 1.0  # each busy stage's slice of the machine
-        extras = costs.extras(n, 0)
-        stage = [share * (k * costs.layer + e) for k, e in zip(sizes, extras)]
-        predicted = simulate(blocks, video["steps"], stage, link if n > 1 else 0.0, fixed if n > 1 else 0.0)
-        median = statistics.median(measured[n])
-        rows.append({"ranks": n, "layer_split": list(sizes), "predicted_s": predicted, "measured_s": median,
-                     "measured_all_s": measured[n], "error": predicted / median - 1})
+        errors = [run["predicted_s"] / run["measured_s"] - 1 for run in runs[n]]
+        rows.append({"ranks": n, "layer_split": runs[n][-1]["layer_split"],
+                     "predicted_s": statistics.median(run["predicted_s"] for run in runs[n]),
+                     "measured_s": statistics.median(run["measured_s"] for run in runs[n]),
+                     "error": statistics.median(errors), "errors": errors, "runs": runs[n]})
     return {"model": model, "video": video, "blocks": blocks, "cores": cores, "rounds": rounds,
-            "capacity_of_two_processes": two, "capacity_all": capacities,
-            "costs_ms": costs.as_ms(), "link_ms_per_hidden": link * 1e3, "link_fixed_ms": fixed * 1e3,
+            "link_ms_per_hidden": link * 1e3, "link_fixed_ms": fixed * 1e3,
             "rows": rows, "max_abs_error": max(abs(r["error"]) for r in rows), "load_average": os.getloadavg()}
 
 
@@ -364,13 +362,15 @@ def main(argv=None) -> int:
     print_prediction(result["prediction"])
     if "validation" in result:
         v = result["validation"]
-        print(f"validation on {v['cores']} CPU cores (two busy processes get {v['capacity_of_two_processes']:.2f}x one), "
-              f"{v['blocks']} blocks x {v['video']['steps']} steps, costs (ms/block-step) "
-              f"{ {k: round(x, 3) for k, x in v['costs_ms'].items()} }, link {v['link_ms_per_hidden']:.3f} ms")
+        print(f"validation on {v['cores']} CPU cores, {v['blocks']} blocks x {v['video']['steps']} steps, "
+              f"one hidden state over gloo {v['link_ms_per_hidden']:.3f} ms; each render predicted from the costs and "
+              f"the capacity for two busy processes measured just before it")
         for row in v["rows"]:
-            print(f"  N={row['ranks']} split {row['layer_split']}: predicted {row['predicted_s']:.3f} s, "
-                  f"measured {row['measured_s']:.3f} s (median of {len(row['measured_all_s'])}), error {row['error']:+.1%}")
-        print(f"  largest error {v['max_abs_error']:.1%} (load average {v['load_average']})")
+            capacities = ", ".join(f"{run['capacity']:.2f}" for run in row["runs"])
+            print(f"  N={row['ranks']} split {row['layer_split']}: predicted {row['predicted_s']:.3f} s, measured "
+                  f"{row['measured_s']:.3f} s (medians of {len(row['runs'])}), error {row['error']:+.1%} (median; all "
+                  f"{', '.join(f'{e:+.0%}' for e in row['errors'])}; capacity {capacities})")
+        print(f"  largest median error {v['max_abs_error']:.1%} (load average {v['load_average']})")
     if args.json:
         from ddm.io import atomic_write_json
 
