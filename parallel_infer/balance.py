@@ -146,6 +146,8 @@ def choose_topology(info: ModelInfo, plan: Plan, options: ParallelOptions, rank:
         if rank == 0:
             batch = 1 if options.cfg_parallel or not plan.config.guided else 2
             costs = measure_costs(info, plan, device, dtype, batch)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the probe's memory goes back before the slices load
             shared[:] = torch.tensor(costs.split(info.num_layers, stages, roles.stage(roles.decode_rank)))
         if world > 1:
             dist.broadcast(shared, 0)
