@@ -51,7 +51,7 @@ def check_out(out: Path, plan: dict) -> dict | None:
         existing = json.loads((out / PLAN).read_text())
     except json.JSONDecodeError as e:
         raise UsageError(f"corrupt {out / PLAN}: {e}") from None
-    diff = [f"{k}={existing.get(k)!r} (there) vs {plan[k]!r} (now)" for k in plan_key(plan) if existing.get(k) != plan[k]]
+    diff = [f"{k}={existing.get(k)!r} (there) vs {plan.get(k)!r} (now)" for k in plan_key(plan) if existing.get(k) != plan.get(k)]
     if diff:
         raise UsageError(f"--out {out} holds another encoding ({'; '.join(diff)}); use another --out")
     return existing
