@@ -56,6 +56,9 @@ def encoder_hash(path: Path, tokenizer_path: Path) -> str:
 def load_encoder_model(path: Path):
     """(model, kind) of a local CLIP text or T5 encoder folder; safetensors only, never downloaded."""
     from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # a bar per load would break the one-line error contract of the commands
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
