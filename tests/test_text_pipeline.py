@@ -129,3 +129,24 @@ def test_bad_text_input_is_one_line_exit_2(world, tmp_path, capsys):
         assert not out.exists()
     with pytest.raises(UsageError, match="mixed conditioning"):
         DDMEnsemble.from_dirs(world / "router", [world / "e0", tmp_path / "c1"])
+
+
+def test_app_images_tab_takes_a_prompt_for_a_text_ensemble(world, tmp_path):
+    import gradio as gr
+
+    from app_actions import Actions, AllowedRoots
+
+    folder = world / "app" / "text-ensemble"
+    ensemble_pipeline(world / "router", [world / "e0", world / "e1"], "top1").save_pretrained(folder)
+    assert main(["train", "--manifest", str(world / "m"), "--island", "all", "--out", str(world / "app" / "monolith"), *TRAIN]) == 0
+    actions = Actions(AllowedRoots([world]), tmp_path / "scratch")
+    assert actions.ensemble_kind(str(folder)) and actions.ensemble_kind(str(world / "app" / "monolith")) is False
+    common = dict(ensemble_dir=str(folder), strategy="top1", steps=2, cfg=2.0, seed=3, class_label="random", count=3)
+    tiles, routing, monolith = actions.generate_images(**common, compare=True, monolith_dir=str(world / "app" / "monolith"),
+                                                       prompt="a handwritten seven", negative_prompt="")
+    assert len(tiles) == 3 and len(monolith) == 3
+    assert all(caption.startswith("a handwritten seven · expert ") for _, caption in tiles)
+    assert all(caption == "a handwritten seven · monolith" for _, caption in monolith)
+    assert tiles[0][0].size == (8 * 20 + 8, 8 * 20 + 8 + 2 * 26)  # enlarged, framed, with the label bar
+    with pytest.raises(gr.Error, match="enter a prompt"):
+        actions.generate_images(**common, compare=False, monolith_dir="", prompt="  ")
