@@ -150,3 +150,46 @@ def test_app_images_tab_takes_a_prompt_for_a_text_ensemble(world, tmp_path):
     assert tiles[0][0].size == (8 * 20 + 8, 8 * 20 + 8 + 2 * 26)  # enlarged, framed, with the label bar
     with pytest.raises(gr.Error, match="enter a prompt"):
         actions.generate_images(**common, compare=False, monolith_dir="", prompt="  ")
+
+
+def tiny_clip(path):
+    """A tiny random CLIPModel + CLIPProcessor (word tokenizer of the digit captions), saved offline."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from ddm.data.captions import digit_vocabulary
+    from ddm.data.text_encoder import word_tokenizer
+
+    tokenizer = word_tokenizer(digit_vocabulary(), 16, bos=True)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+                  tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def test_eval_prompted_samples_clip_score_and_grids(world, tmp_path, capsys):
+    from evaluation.text_metrics import clip_cosines, clip_scores
+
+    clip = tiny_clip(tmp_path / "clip")
+    pipe_dir = tmp_path / "pipe"
+    ensemble_pipeline(world / "router", [world / "e0", world / "e1"], "top1").save_pretrained(pipe_dir)
+    (tmp_path / "p.txt").write_text("a handwritten seven\nthe digit one\n")
+    out = tmp_path / "m.json"
+    assert main(["eval", "--ensemble", str(pipe_dir), "--prompts", str(tmp_path / "p.txt"), "--n", "6", "--steps", "2",
+                 "--clip-model", str(clip), "--grids", str(tmp_path / "grids"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["prompts"] == ["a handwritten seven", "the digit one"] and result["num_samples"] == 6
+    assert 0 <= result["clip_score"] <= 100 and len(result["clip_score_per_prompt"]) == 2
+    assert "accuracy" in result and len(result["per_class_accuracy"]) == 10  # prompts name digits: 7 and 1
+    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == ["00-a-handwritten-seven.png", "01-the-digit-one.png"]
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    texts = ["a handwritten seven", "the digit one", "the digit two", "a handwritten zero"]
+    cosines = clip_cosines(images, texts, clip)
+    torch.testing.assert_close(clip_scores(images, texts, clip), 100 * cosines.clamp_min(0))
+    assert not torch.allclose(cosines, clip_cosines(images, texts[::-1], clip))  # each image is scored against its own text
+    torch.testing.assert_close(clip_cosines(images[1:2], texts[1:2], clip), cosines[1:2])
+    assert main(["eval", "--ensemble", str(pipe_dir), "--n", "4", "--steps", "1"]) == 2
+    assert "text-conditional: give --prompts" in capsys.readouterr().err

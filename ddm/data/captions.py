@@ -102,3 +102,9 @@ def read_prompts_file(path: str | Path) -> list[str]:
     if not prompts:
         raise UsageError(f"--prompts {path} holds no prompt (one per line)")
     return prompts
+
+
+def digit_class_of(prompt: str) -> int | None:
+    """The digit a prompt asks for (exactly one digit name among its words), else None (for scoring digit prompts)."""
+    named = {DIGIT_NAMES.index(w) for w in prompt.lower().split() if w in DIGIT_NAMES}
+    return named.pop() if len(named) == 1 else None
