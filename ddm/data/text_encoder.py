@@ -27,7 +27,7 @@ from ddm import UsageError
 
 DEFAULT_MAX_TOKENS = 120
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "spiece.model", "special_tokens_map.json")
-# The embedded encoder of the digit captions (built by `build_digit_encoder`, shipped; see docs/ddm.md).
+# The embedded encoder of the digit captions (built by ddm/data/digit_encoder.py, shipped; see docs/ddm.md).
 DIGIT_ENCODER = Path(__file__).resolve().parents[1] / "assets" / "text_encoder_digits"
 
 
@@ -213,15 +213,3 @@ def save_encoder(out: str | Path, model, tokenizer) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
-
-
-def build_digit_encoder(out: str | Path = DIGIT_ENCODER) -> Path:
-    """The embedded encoder of the digit captions: a CLIP text model (width 32, 2 layers) over their 20 words,
-    randomly initialised from seed 0 and kept frozen (docs/ddm.md says why that suffices)."""
-    from ddm.data.captions import digit_vocabulary
-
-    return build_clip_encoder(out, digit_vocabulary(), hidden_size=32, layers=2, heads=2, projection_dim=32, max_length=16)
-
-
-if __name__ == "__main__":
-    print(build_digit_encoder(sys.argv[1] if len(sys.argv) > 1 else DIGIT_ENCODER))
