@@ -80,3 +80,36 @@ def test_text_modality_needs_captions_and_an_encoder_that_exists(tmp_path, train
         from ddm.partition.features import extract_features
 
         extract_features("pixels-pca", None, text_encoder=str(DIGIT_ENCODER))
+
+
+def test_latent_cache_with_t5_captions_end_to_end(tmp_path):
+    """Captioned images -> `ddm encode` (VAE + T5) -> text partition -> PixArt experts on latents -> router ->
+    TextDDMPipeline that decodes with the experts' VAE, saved and loaded as a folder."""
+    from ddm.data.text_encoder import build_t5_encoder
+    from router.pipeline import load_pipeline
+    from test_latents import save_vae
+    from test_text_data import WORDS, make_images
+
+    root = make_images(tmp_path / "imgs", 8)
+    for i in range(8):
+        (root / f"{i:02d}.txt").write_text(["a red square", "a blue circle"][i % 2])
+    t5 = build_t5_encoder(tmp_path / "t5", WORDS, max_length=8)
+    vae = save_vae(tmp_path / "vae", 0)
+    assert main(["encode", "--data", str(root), "--vae", str(vae), "--image-size", "16", "--workers", "0", "--text-encoder", str(t5),
+                 "--out", str(tmp_path / "lat")]) == 0
+    assert main(["partition", "--data", str(tmp_path / "lat"), "--k", "2", "--features", "text", "--out", str(tmp_path / "m")]) == 0
+    manifest = Manifest.load(tmp_path / "m")
+    assert manifest.extractor.startswith("text:t5:") and manifest.sizes == [4, 4]  # the two captions, one island each
+    experts = []
+    for k in range(2):
+        experts.append(tmp_path / f"e{k}")
+        assert main(["train", "--manifest", str(tmp_path / "m"), "--island", str(k), "--out", str(experts[-1]), *TRAIN]) == 0
+    assert main(["train-router", "--manifest", str(tmp_path / "m"), "--experts", *map(str, experts), "--out", str(tmp_path / "r"),
+                 "--steps", "3"]) == 0
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--router", str(tmp_path / "r"), "--experts", *map(str, experts), "--prompt", "a red square",
+                 "--prompt", "a blue circle", "--n", "2", "--steps", "2", "--out", str(out), "--save-ensemble", str(tmp_path / "pipe")]) == 0
+    pipe = load_pipeline(tmp_path / "pipe")
+    assert type(pipe.text_encoder).__name__ == "T5EncoderModel" and pipe.vae is not None
+    images = pipe("a red square", num_inference_steps=2, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0)).images
+    assert len(images) == 2 and images[0].size == (16, 16)  # latents 4x8x8 decoded by the VAE to 16x16 pixels
