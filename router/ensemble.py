@@ -272,7 +272,8 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
         strategy = self.strategy
 
         def probs():
-            logits = self.router(hidden_states, timestep, class_labels, pooled_text)[:, self.present]
+            text = (pooled_text,) if self.text else ()  # a class router takes no text argument
+            logits = self.router(hidden_states, timestep, class_labels, *text)[:, self.present]
             return logits.float().softmax(dim=1)
 
         if strategy.name != "trajectory":
