@@ -23,7 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ddm import UsageError
-from ddm.models.experts import load_expert, read_expert_meta
+from ddm.models.experts import NO_EXTRA_CONDITIONS, load_expert, read_expert_meta
 from ddm.io import atomic_write_json, load_pretrained, replaced_dir, replacing_dir, verify_owned
 from router.grouped import GroupedExperts, groupable, grouped_mm_works
 from router.model import RouterModel
@@ -306,7 +306,7 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
         # per-row conditions (sliced with the rows) and whole-call options
         if self.text:
             rows_cond = {"encoder_hidden_states": encoder_hidden_states, "encoder_attention_mask": encoder_attention_mask}
-            options = {"added_cond_kwargs": added_cond_kwargs or {"resolution": None, "aspect_ratio": None}}
+            options = {"added_cond_kwargs": added_cond_kwargs or NO_EXTRA_CONDITIONS}
         else:
             rows_cond, options = {"class_labels": class_labels}, {}
         rows_cond = {k: v for k, v in rows_cond.items() if v is not None}

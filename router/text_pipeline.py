@@ -25,10 +25,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from ddm import UsageError
 from ddm.data.text_encoder import encode_with
 from ddm.io import replacing_dir
+from ddm.models.experts import NO_EXTRA_CONDITIONS
 from router.output import OUTPUT_TYPES, finish
 from router.strategies import DEFAULT_GUIDANCE_ROUTING, check_guidance_routing
-
-NO_EXTRA_CONDITIONS = {"resolution": None, "aspect_ratio": None}
 
 
 def as_list(prompt, name: str) -> list[str]:

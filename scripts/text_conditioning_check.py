@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_EXTRA = {"resolution": None, "aspect_ratio": None}
 
 
 def train_loss(model, forward, images, steps: int, lr: float) -> float:
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from ddm.data.text_embeddings import encode_captions
     from ddm.data.text_encoder import DIGIT_ENCODER, TextEncoder, build_clip_encoder
     from ddm.io import atomic_write_json
-    from ddm.models.experts import build_dit, build_text_expert
+    from ddm.models.experts import NO_EXTRA_CONDITIONS, build_dit, build_text_expert
 
     torch.set_num_threads(1)
     data = DigitsDataset()
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     def pixart(table, zero=False):
         hidden, mask, _ = table
         return lambda m, x, t, i: m(x, encoder_hidden_states=hidden[i] * (0 if zero else 1), timestep=t,
-                                    encoder_attention_mask=mask[i], added_cond_kwargs=NO_EXTRA).sample
+                                    encoder_attention_mask=mask[i], added_cond_kwargs=NO_EXTRA_CONDITIONS).sample
 
     runs = [("class DiT", lambda: build_dit("small", 8, 1, 10), lambda m, x, t, i: m(x, timestep=t, class_labels=data.labels[i]).sample, 1e-3)]
     for lr in (1e-3, 3e-3):

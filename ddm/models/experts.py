@@ -71,6 +71,10 @@ def build_dit(preset: str, sample_size: int, in_channels: int, num_classes: int,
     )
 
 
+# PixArt's timestep embedding also takes resolution and aspect ratio; text experts are built without them.
+NO_EXTRA_CONDITIONS = {"resolution": None, "aspect_ratio": None}
+
+
 def build_text_expert(preset: str, sample_size: int, in_channels: int, caption_channels: int, patch_size: int | None = None) -> PixArtTransformer2DModel:
     """A text-conditional expert: diffusers' PixArtTransformer2DModel (cross-attention to the caption's hidden states,
     with its padding mask; adaLN-single timestep modulation), sized by the DiT presets: `DiT-XL/2` is PixArt-α's
@@ -96,7 +100,7 @@ def dummy_condition(model, batch: int, device=None, text_length: int = 16) -> di
     if isinstance(model, PixArtTransformer2DModel):
         return {"encoder_hidden_states": torch.zeros(batch, text_length, model.config.caption_channels, device=device),
                 "encoder_attention_mask": torch.ones(batch, text_length, device=device),
-                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+                "added_cond_kwargs": NO_EXTRA_CONDITIONS}
     return {"class_labels": torch.zeros(batch, dtype=torch.long, device=device)}
 
 

@@ -12,10 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from ddm.models.experts import NO_EXTRA_CONDITIONS
 from ddm.training.modality import ImageModality
-
-# PixArt's timestep embedding also takes resolution / aspect ratio; the experts are built without them.
-NO_EXTRA_CONDITIONS = {"resolution": None, "aspect_ratio": None}
 
 
 class TextConditionedPixArt(nn.Module):
