@@ -113,3 +113,26 @@ def test_latent_cache_with_t5_captions_end_to_end(tmp_path):
     assert type(pipe.text_encoder).__name__ == "T5EncoderModel" and pipe.vae is not None
     images = pipe("a red square", num_inference_steps=2, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0)).images
     assert len(images) == 2 and images[0].size == (16, 16)  # latents 4x8x8 decoded by the VAE to 16x16 pixels
+
+
+def test_image_folder_experts_and_changed_captions(tmp_path, capsys):
+    """A captioned image folder trains text experts in pixel space (captions embedded at start-up); a router trained
+    after a caption changed is refused."""
+    from ddm.data.text_encoder import build_clip_encoder
+    from test_text_data import WORDS, make_images
+
+    root = make_images(tmp_path / "imgs", 6)
+    for i in range(6):
+        (root / f"{i:02d}.txt").write_text(["a red square", "a blue circle", "a big photo"][i % 3])
+    clip = str(build_clip_encoder(tmp_path / "clip", WORDS, max_length=8))
+    assert main(["partition", "--data", str(root), "--image-size", "8", "--k", "2", "--features", "text", "--text-encoder", clip,
+                 "--out", str(tmp_path / "m")]) == 0
+    experts = [str(tmp_path / f"e{k}") for k in range(2)]
+    for k, out in enumerate(experts):
+        assert main(["train", "--manifest", str(tmp_path / "m"), "--island", str(k), "--out", out, *TRAIN, "--text-encoder", clip]) == 0
+    _, meta = load_expert(experts[0])
+    assert meta["channels"] == 3 and meta["text_encoder"]["hash"] == TextEncoder(clip).hash
+    (root / "00.txt").write_text("a small square")
+    capsys.readouterr()
+    assert main(["train-router", "--manifest", str(tmp_path / "m"), "--experts", *experts, "--out", str(tmp_path / "r"), "--steps", "2"]) == 2
+    assert "captions of" in capsys.readouterr().err and not (tmp_path / "r").exists()
