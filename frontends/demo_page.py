@@ -186,6 +186,12 @@ def text_section(ctx: dict) -> str:
         used = [s["experts"][-1] for s in stats["samples"] if s["prompt"] == i]
         rows.append([prompt, ", ".join(f"expert {e}" for e in sorted(set(used)))])
     score_rows = [[name, f"{m['fid']:.1f}", f"{m['accuracy']:.3f}", m["num_samples"]] for name, m in text["scores"].items()]
+    from ddm.partition.manifest import Manifest
+
+    manifest = Manifest.load(text["manifest"])
+    labels = manifest.load_dataset().labels
+    islands = [[k, manifest.sizes[k], ", ".join(str(d) for d in torch.unique(labels[manifest.assignments == k]).tolist())]
+               for k in range(manifest.k)]
     mono = text["dir"] / "grids-monolith"
     side = "".join(
         f'<tr><td>{html.escape(p)}</td><td><img src="text/grids-ensemble/{g.name}" class="pixel small"></td>'
@@ -200,6 +206,7 @@ def text_section(ctx: dict) -> str:
         f"Below: {stats['samples'].__len__() // len(prompts)} samples per prompt through the top-1 ensemble, one row per "
         f"prompt, CFG {stats['cfg']} against the empty caption.</p>"
         '<p><img src="text/grid.png" alt="prompted grid" class="pixel"></p>'
+        + table(["island", "samples", "digits in it"], islands)
         + table(["prompt", "experts that drew it"], rows)
         + table(["model", "FID (held-out digits)", "accuracy of the prompted digit", "samples"], score_rows)
         + "<p>Ensemble and monolith side by side, the same prompts and seed (grids written by <code>ddm eval --grids</code>):</p>"
