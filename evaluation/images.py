@@ -202,7 +202,7 @@ def add_arguments(p) -> None:
     p.add_argument("--image-size", type=int, default=None, help="resize + center-crop size of image folders (default: the reference's)")
     p.add_argument("--out", help="write the metrics JSON here")
     p.add_argument("--prompts", help="text-conditional --ensemble: a UTF-8 file with one prompt per line (cycled to --n)")
-    p.add_argument("--negative-prompt", default="", help="with --prompts: the guidance's unconditional branch")
+    p.add_argument("--negative-prompt", default="", help="with --prompts: the guidance's unconditional branch (default: the empty caption)")
     p.add_argument("--clip-model", help="local transformers CLIP folder (model + processor): also report the CLIP score of prompted samples")
     p.add_argument("--grids", help="folder for one sample grid per prompt (prompted samples)")
 
