@@ -76,6 +76,9 @@ def test_text_modality_needs_captions_and_an_encoder_that_exists(tmp_path, train
     code = main(["train", "--manifest", str(trained / "m"), "--island", "1", "--out", str(tmp_path / "e"), *TRAIN,
                  "--text-encoder", str(tmp_path / "nowhere")])
     assert code == 2 and "text encoder folder not found" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    code = main(["train", "--manifest", str(trained / "m"), "--island", "1", "--out", str(tmp_path / "e"), "--preset", "tiny",
+                 "--text-encoder", str(DIGIT_ENCODER)])
+    assert code == 2 and "go with --modality text" in capsys.readouterr().err and not (tmp_path / "e").exists()
     with pytest.raises(UsageError, match="goes with --features text"):
         from ddm.partition.features import extract_features
 

@@ -199,6 +199,8 @@ def train_under_lock(args: argparse.Namespace) -> int:
     if len(indices) == 0:
         raise UsageError(f"island {island} of {args.manifest} has no samples")
     modality_cls = get_modality(args.modality)
+    if args.modality != "text" and (args.text_encoder or args.allow_empty_captions):
+        raise UsageError(f"--text-encoder / --allow-empty-captions go with --modality text, not --modality {args.modality}")
     if args.tensorboard:
         import importlib.util
 
