@@ -59,6 +59,8 @@ def images_tab(actions: Actions, demo_dir: str) -> None:
                 ensemble_dir = gr.Textbox(f"{demo_dir}/ensemble", label="Ensemble directory (router + experts)")
                 strategy = gr.Dropdown(STRATEGIES, value=DEFAULT_STRATEGY, allow_custom_value=True, label="Routing strategy")
                 image_class = gr.Dropdown(CLASSES, value="random", allow_custom_value=True, label="Class")
+                prompt = gr.Textbox("", label="Prompt (text ensembles)", visible=False, elem_id="prompt")
+                negative_prompt = gr.Textbox("", label="Negative prompt", visible=False, elem_id="negative-prompt")
                 with gr.Row():
                     image_steps = gr.Slider(1, MAX_STEPS, value=30, step=1, label="Steps")
                     image_cfg = gr.Slider(1.0, 20.0, value=1.5, step=0.1, label="CFG scale")
@@ -82,10 +84,17 @@ def images_tab(actions: Actions, demo_dir: str) -> None:
                     )
                 routing = gr.Plot(label="Routing weights per expert over the sampling steps")
     compare.change(lambda on: gr.Gallery(visible=on), compare, monolith_gallery, api_visibility="private", queue=False)
+
+    def show_fields(directory):  # a text ensemble takes prompts, a class ensemble keeps the class picker
+        text = actions.ensemble_kind(directory)
+        return gr.Dropdown(visible=not text), gr.Textbox(visible=text), gr.Textbox(visible=text)
+
+    ensemble_dir.change(show_fields, ensemble_dir, [image_class, prompt, negative_prompt], api_visibility="private", queue=False)
     generate_button.click(
         actions.generate_images,
         inputs=[
-            ensemble_dir, strategy, image_steps, image_cfg, image_seed, image_class, image_count, compare, monolith_dir
+            ensemble_dir, strategy, image_steps, image_cfg, image_seed, image_class, image_count, compare, monolith_dir,
+            prompt, negative_prompt,
         ],
         outputs=[ensemble_gallery, routing, monolith_gallery],
         api_name="generate_images",

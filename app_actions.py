@@ -110,14 +110,37 @@ def float_in_range(value, name: str, low: float, high: float) -> float:
 
 
 def ensemble_parts(path: Path) -> list[str]:
-    """The folders a pipeline folder (transformer/, scheduler/) or an ensemble.json (router, experts) makes us read."""
+    """The folders a pipeline folder (transformer/, scheduler/, a text pipeline's text_encoder/ and tokenizer/) or an
+    ensemble.json (router, experts) makes us read."""
     if (path / "model_index.json").is_file():
-        return ["transformer", "scheduler", *(f"transformer/{part}" for part in ensemble_parts(path / "transformer"))]
+        text = [part for part in ("text_encoder", "tokenizer", "vae") if (path / part).is_dir()]
+        return ["transformer", "scheduler", *text, *(f"transformer/{part}" for part in ensemble_parts(path / "transformer"))]
     try:
         spec = json.loads((path / "ensemble.json").read_text())
         return [spec["router"], *spec["experts"]]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return []  # not an ensemble: load_pipeline says so
+
+
+def recorded_text_encoder(path: Path) -> Path | None:
+    """The text encoder folder that an ensemble directory's (not a pipeline folder's) text experts load, if any."""
+    try:
+        spec = json.loads((path / "ensemble.json").read_text())
+        meta = read_expert_meta(path / spec["experts"][0])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, IndexError, UsageError):
+        return None
+    record = meta.get("text_encoder")
+    return Path(record["abspath"]) if record else None
+
+
+def is_text_ensemble(path: Path) -> bool:
+    """Whether a pipeline folder or ensemble directory holds text-conditional experts (read from JSON only)."""
+    try:
+        if (path / "model_index.json").is_file():
+            return json.loads((path / "model_index.json").read_text()).get("_class_name") == "TextDDMPipeline"
+    except (OSError, json.JSONDecodeError):
+        return False
+    return recorded_text_encoder(path) is not None
 
 
 def class_labels(choice: str | None, count: int, num_classes: int, seed: int) -> torch.Tensor:
@@ -295,27 +318,53 @@ class Actions:
                 curves[expert.name] = (steps, losses)
         return cluster_sizes_plot(sizes), clusters, training_curves_plot(curves)
 
+    def ensemble_kind(self, ensemble_dir: str) -> bool:
+        """Whether the Images tab shows prompt fields (a text ensemble) or the class picker; reads JSON only."""
+        try:
+            return is_text_ensemble(self.roots.dir(ensemble_dir, "Ensemble directory"))
+        except gr.Error:
+            return False
+
+    def check_text_encoder(self, ensemble_path: Path) -> None:
+        """An ensemble directory's text experts load their encoder from its recorded folder: it must be allowed too
+        (the shipped digit encoder is part of the app)."""
+        from ddm.data.text_encoder import DIGIT_ENCODER
+
+        folder = recorded_text_encoder(ensemble_path)
+        if folder is not None and folder.resolve() != DIGIT_ENCODER:
+            self.roots.dir(str(folder), "The experts' text encoder")
+
     @friendly
     def generate_images(
         self, ensemble_dir: str, strategy: str, steps, cfg, seed, class_label: str, count,
-        compare: bool, monolith_dir: str,
+        compare: bool, monolith_dir: str, prompt: str = "", negative_prompt: str = "",
     ):
-        """Images through the router ensemble, its routing weights per step, optionally the monolith's (same noise)."""
+        """Images through the router ensemble, its routing weights per step, optionally the monolith's (same noise).
+        A text ensemble takes `prompt` (and `negative_prompt`) instead of the class."""
         from router.ensemble import DDMEnsemble
         from router.pipeline import load_pipeline
 
         ensemble_path = self.roots.dir(ensemble_dir, "Ensemble directory")
         for part in ensemble_parts(ensemble_path):  # ensemble.json names the folders it loads: roots only
             self.roots.dir(str(ensemble_path / part), "The ensemble's part")
+        self.check_text_encoder(ensemble_path)
         monolith_path = self.roots.dir(monolith_dir, "Monolith directory") if compare else None
+        if monolith_path is not None:
+            self.check_text_encoder(monolith_path)
         steps = int_in_range(steps, "Steps", 1, MAX_STEPS)
         cfg = float_in_range(cfg, "CFG scale", 1.0, 20.0)
         seed = int_in_range(seed, "Seed", 0, 2**31 - 1)
         count = int_in_range(count, "Number of images", 1, MAX_IMAGES)
+        text = is_text_ensemble(ensemble_path)
+        prompt, negative_prompt = (prompt or "").strip(), (negative_prompt or "").strip()
+        if text and not prompt:
+            raise UserError("This ensemble is text-conditional: please enter a prompt.")
         pipe = load_pipeline(ensemble_path, strategy or None)
         ensemble = pipe.transformer
         if not isinstance(ensemble, DDMEnsemble):
             raise UserError(f"Ensemble directory {ensemble_dir!r} holds a single expert, not an ensemble.")
+        if text:
+            return self.generate_from_prompt(pipe, prompt, negative_prompt, steps, cfg, seed, count, monolith_path)
         num_classes = ensemble.metas[0]["num_classes"]
         labels = class_labels(class_label, count, num_classes, seed)
         images = pipe(
@@ -340,6 +389,29 @@ class Actions:
             monolith = [(labelled_tile(image, f"class {c} · monolith", None), f"class {c} · monolith")
                         for image, c in zip(monolith_images, labels.tolist())]
         return list(zip(images, captions)), routing_plot(weights, ensemble.islands), monolith
+
+    def generate_from_prompt(self, pipe, prompt: str, negative_prompt: str, steps: int, cfg: float, seed: int, count: int,
+                             monolith_path: Path | None):
+        """The text ensemble's images of one prompt, each labelled with the expert that drew it, and the monolith's."""
+        from router.pipeline import load_pipeline
+
+        def sample(p):
+            return p(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=cfg,
+                     num_images_per_prompt=count, generator=torch.Generator().manual_seed(seed)).images
+
+        images = sample(pipe)
+        ensemble = pipe.transformer
+        weights = torch.stack([w[:count] for w in ensemble.routing_weights]).float().cpu()
+        experts = weights.sum(0).argmax(1).tolist()
+        tiles = [(labelled_tile(image, f"expert {e}", e), f"{prompt} · expert {e}") for image, e in zip(images, experts)]
+        monolith = []
+        if monolith_path is not None:
+            monolith_pipe = load_pipeline(monolith_path)
+            model = monolith_pipe.transformer
+            if not hasattr(monolith_pipe, "encode_prompt") or model.config.sample_size != ensemble.config.sample_size:
+                raise UserError(f"Monolith {str(monolith_path)!r} does not make the samples the ensemble makes (not text-conditional, or another size).")
+            monolith = [(labelled_tile(image, "monolith", None), f"{prompt} · monolith") for image in sample(monolith_pipe)]
+        return tiles, routing_plot(weights, ensemble.islands), monolith
 
     @friendly
     def expert_samples(self, experts_dir: str, steps, seed, class_label: str):

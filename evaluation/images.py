@@ -7,7 +7,10 @@ FID is torchmetrics' `FrechetInceptionDistance` on features that need no downloa
   the images in `--reference DIR`; with `--data LATENTS` (a latent cache) the reference defaults to the images
   the cache was encoded from, at their size, and generated samples must come from experts on the same VAE.
 Samples come from `--samples` (a .safetensors written by `ddm sample`, or a folder of images, sub-folders
-named by class) or are generated with `--ensemble DIR --n N`, classes cycling 0..C-1.
+named by class) or are generated with `--ensemble DIR --n N`, classes cycling 0..C-1. Text-conditional models take
+`--prompts FILE` (prompts cycling); prompted samples also get a CLIP score with `--clip-model DIR`, one grid per
+prompt with `--grids DIR`, and, on the digits, the classifier's accuracy against the digit each prompt names
+(evaluation/text_metrics.py).
 """
 from __future__ import annotations
 
@@ -142,11 +145,43 @@ def generate(model_dir, n: int, strategy: str | None, steps: int, cfg: float, se
     from router.pipeline import load_pipeline
 
     pipe = load_pipeline(model_dir, strategy, device_map=device_map)
+    if hasattr(pipe, "encode_prompt"):
+        raise UsageError(f"{model_dir} is text-conditional: give --prompts FILE")
     labels = torch.arange(n) % pipe.transformer.config.num_embeds_ada_norm
     gen = torch.Generator().manual_seed(seed)
     images = [pipe(chunk, steps, cfg, gen, output_type="pt", guidance_routing=guidance_routing).images.cpu()
               for chunk in labels.split(batch_size)]
     return torch.cat(images), labels
+
+
+def generate_prompted(model_dir, n: int, prompts: list[str], negative_prompt: str, strategy: str | None, steps: int, cfg: float,
+                      seed: int, batch_size: int = 256, guidance_routing: str = DEFAULT_GUIDANCE_ROUTING, device_map=None):
+    """n samples in [0, 1] of a text-conditional model, prompts cycling, and each sample's prompt index."""
+    from router.pipeline import load_pipeline
+
+    pipe = load_pipeline(model_dir, strategy, device_map=device_map)
+    if not hasattr(pipe, "encode_prompt"):
+        raise UsageError(f"--prompts: {model_dir} is class-conditional")
+    index = torch.arange(n) % len(prompts)
+    gen = torch.Generator().manual_seed(seed)
+    images = [pipe([prompts[i] for i in chunk.tolist()], negative_prompt=negative_prompt, num_inference_steps=steps,
+                   guidance_scale=cfg, generator=gen, output_type="pt", guidance_routing=guidance_routing).images.cpu()
+              for chunk in index.split(batch_size)]
+    return torch.cat(images), index
+
+
+def prompted_samples(path: Path) -> tuple[list[str], torch.Tensor] | None:
+    """(prompts, prompt index) of a `ddm sample --prompts` .safetensors (prompts from its .json), else None."""
+    if not path.is_file():
+        return None
+    tensors = load_file(str(path))
+    if "prompt_index" not in tensors:
+        return None
+    try:
+        prompts = json.loads(path.with_suffix(".json").read_text())["prompts"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise UsageError(f"{path}: its prompts ({path.with_suffix('.json').name}) are unreadable: {e}") from None
+    return prompts, tensors["prompt_index"]
 
 
 def add_arguments(p) -> None:
@@ -166,6 +201,10 @@ def add_arguments(p) -> None:
     p.add_argument("--reference", help="folder of held-out real images for real data (default for --data LATENTS: its source images)")
     p.add_argument("--image-size", type=int, default=None, help="resize + center-crop size of image folders (default: the reference's)")
     p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--prompts", help="text-conditional --ensemble: a UTF-8 file with one prompt per line (cycled to --n)")
+    p.add_argument("--negative-prompt", default="", help="with --prompts: the guidance's unconditional branch (default: the empty caption)")
+    p.add_argument("--clip-model", help="local transformers CLIP folder (model + processor): also report the CLIP score of prompted samples")
+    p.add_argument("--grids", help="folder for one sample grid per prompt (prompted samples)")
 
 
 def check_samples(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int) -> None:
@@ -195,6 +234,17 @@ def run(args) -> int:
     if real_data and not (args.feature_model and (args.reference or latents)):
         raise UsageError(f"--data {args.data}: real data needs --feature-model PATH and --reference DIR (no downloads)")
     check_guidance_routing(args.guidance_routing)
+    prompts = None
+    if args.prompts:
+        from ddm.data.captions import read_prompts_file
+
+        if not args.ensemble:
+            raise UsageError("--prompts goes with --ensemble (prompted --samples carry their prompts)")
+        prompts = read_prompts_file(args.prompts)
+    if args.clip_model and not (Path(args.clip_model) / "config.json").is_file():
+        raise UsageError(f"--clip-model {args.clip_model}: not a folder with a config.json")
+    if args.grids and Path(args.grids).exists() and not Path(args.grids).is_dir():
+        raise UsageError(f"--grids {args.grids} exists and is not a folder")
     if args.ensemble and args.n < 2:
         raise UsageError(f"--n must be >= 2 for FID, got {args.n}")
     if args.ensemble and latents is not None:
@@ -214,16 +264,38 @@ def run(args) -> int:
 
         classifier = load_digit_classifier()
         features, num_classes, reference, channels = digit_features(classifier), 10, digits_reference(), 1
+    prompt_index = None
     if args.samples:
         images, labels = load_samples(args.samples, channels, args.image_size or reference.shape[-1])
+        prompts, prompt_index = prompted_samples(Path(args.samples)) or (None, None)
+    elif prompts:
+        images, prompt_index = generate_prompted(args.ensemble, args.n, prompts, args.negative_prompt, args.strategy, args.steps,
+                                                 args.cfg, args.seed, guidance_routing=args.guidance_routing, device_map=args.expert_devices)
+        labels = None
     else:
         images, labels = generate(args.ensemble, args.n, args.strategy, args.steps, args.cfg, args.seed,
                                   guidance_routing=args.guidance_routing, device_map=args.expert_devices)
+    if prompts is None and (args.clip_model or args.grids):
+        raise UsageError("--clip-model and --grids score prompted samples: give --prompts, or --samples from `ddm sample --prompts`")
+    if prompts is not None and not real_data:
+        from evaluation.text_metrics import prompt_labels
+
+        labels = prompt_labels(prompts, prompt_index)  # the digit each prompt names, if every prompt names one
     if images.shape[1:] != reference.shape[1:]:
         raise UsageError(f"samples are {tuple(images.shape[1:])}, the reference set is {tuple(reference.shape[1:])}")
     check_samples(images, labels, num_classes)
     result = evaluate_samples(images, labels, reference, features, classifier, num_classes)
     result["reference"] = "digits held-out 20% (seed 0)" if not real_data else str(args.reference)
+    if prompts is not None:
+        from evaluation.text_metrics import clip_scores, write_prompt_grids
+
+        result["prompts"] = prompts
+        if args.clip_model:
+            scores = clip_scores(images, [prompts[i] for i in prompt_index.tolist()], args.clip_model)
+            result["clip_score"] = scores.mean().item()
+            result["clip_score_per_prompt"] = [scores[prompt_index == i].mean().item() for i in range(len(prompts))]
+        if args.grids:
+            result["grids"] = [str(p) for p in write_prompt_grids(images, prompt_index, prompts, args.grids)]
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
     if args.out:
         with output_lock(Path(args.out), folder=False):

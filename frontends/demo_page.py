@@ -176,23 +176,62 @@ def video_section(ctx: dict) -> str:
     )
 
 
+def text_section(ctx: dict) -> str:
+    """Prompted digits through the text DDM ensemble beside the text monolith (scripts/demo.py stage_text)."""
+    text = ctx["text"]
+    stats = json.loads((text["dir"] / "grid.json").read_text())
+    prompts = stats["prompts"]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        used = [s["experts"][-1] for s in stats["samples"] if s["prompt"] == i]
+        rows.append([prompt, ", ".join(f"expert {e}" for e in sorted(set(used)))])
+    score_rows = [[name, f"{m['fid']:.1f}", f"{m['accuracy']:.3f}", m["num_samples"]] for name, m in text["scores"].items()]
+    from ddm.partition.manifest import Manifest
+
+    manifest = Manifest.load(text["manifest"])
+    labels = manifest.load_dataset().labels
+    islands = [[k, manifest.sizes[k], ", ".join(str(d) for d in torch.unique(labels[manifest.assignments == k]).tolist())]
+               for k in range(manifest.k)]
+    mono = text["dir"] / "grids-monolith"
+    side = "".join(
+        f'<tr><td>{html.escape(p)}</td><td><img src="text/grids-ensemble/{g.name}" class="pixel small"></td>'
+        f'<td><img src="text/grids-monolith/{g.name}" class="pixel small"></td></tr>'
+        for p, g in zip(prompts, sorted(mono.glob("*.png")))
+    )
+    return (
+        "<h2>5. Text to image</h2><p>The same digits with generated captions (&ldquo;a handwritten seven&rdquo;, four "
+        "phrasings per digit), embedded by the shipped CLIP-style text encoder (<code>ddm/assets/text_encoder_digits</code>). "
+        f"The islands are k-means clusters of the caption embeddings ({len(text['experts'])} islands); each expert is a "
+        "PixArt transformer cross-attending to the caption, and the router reads the prompt's pooled embedding. "
+        f"Below: {stats['samples'].__len__() // len(prompts)} samples per prompt through the top-1 ensemble, one row per "
+        f"prompt, CFG {stats['cfg']} against the empty caption.</p>"
+        '<p><img src="text/grid.png" alt="prompted grid" class="pixel"></p>'
+        + table(["island", "samples", "digits in it"], islands)
+        + table(["prompt", "experts that drew it"], rows)
+        + table(["model", "FID (held-out digits)", "accuracy of the prompted digit", "samples"], score_rows)
+        + "<p>Ensemble and monolith side by side, the same prompts and seed (grids written by <code>ddm eval --grids</code>):</p>"
+        + f"<table><tr><th>prompt</th><th>ensemble (top-1)</th><th>monolith</th></tr>{side}</table>"
+    )
+
+
 def stage_page(ctx: dict) -> None:
     out = ctx["out"]
     loss_figure(ctx, out / "training.png")
-    body = islands_section(ctx) + router_section(ctx) + samples_section(ctx) + video_section(ctx)
+    body = islands_section(ctx) + router_section(ctx) + samples_section(ctx) + video_section(ctx) + text_section(ctx)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>ddm-suite demo</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; line-height: 1.45; color: #222; }}
 table {{ border-collapse: collapse; margin: .5rem 0; }} td, th {{ border: 1px solid #ccc; padding: .2rem .6rem; }}
-.pixel {{ image-rendering: pixelated; }} img.pixel {{ width: 40rem; max-width: 100%; }}
+.pixel {{ image-rendering: pixelated; }} img.pixel {{ width: 40rem; max-width: 100%; }} img.pixel.small {{ width: 14rem; }}
 </style></head><body>
 <h1>ddm-suite demo</h1>
 <p><b>What you are looking at.</b> The embedded 8&times;8 digits were split into islands by clustering; one small
 diffusion transformer (an <i>expert</i>) trained on each island without ever seeing the others' data, as if each
 ran on a different cluster. A router learned to tell, from a noisy image, which island it came from; at sampling
 time it sends each sample to one expert per step, so the experts act as one model. Below that, a video diffusion
-transformer trained on moving digits renders a minute-long video with DualParal.</p>
+transformer trained on moving digits renders a minute-long video with DualParal, and the last section does the
+same as the first three with prompts instead of classes: text-conditional experts and a router that reads the prompt.</p>
 {body}
 <p><small>Made by <code>make demo</code> (scripts/demo.py) in {time.perf_counter() - ctx['start']:.0f} s.</small></p>
 </body></html>

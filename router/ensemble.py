@@ -1,4 +1,5 @@
-"""The ensemble: router + any subset of experts, seen by a sampler as ONE diffusers DiT.
+"""The ensemble: router + any subset of experts, seen by a sampler as ONE diffusers DiT (class-conditional experts)
+or ONE PixArt transformer (text-conditional experts; the router then also takes `pooled_projections`).
 
 v(x_t, t) = sum_k w_k(x_t, t) v_k(x_t, t), w = strategy(softmax(r(x_t, t)) over the experts present).
 Routing is per sample: each expert runs only on the rows that give it non-zero weight, so top-1 costs one
@@ -22,7 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ddm import UsageError
-from ddm.models.experts import load_expert, read_expert_meta
+from ddm.models.experts import NO_EXTRA_CONDITIONS, load_expert, read_expert_meta
 from ddm.io import atomic_write_json, load_pretrained, replaced_dir, replacing_dir, verify_owned
 from router.grouped import GroupedExperts, groupable, grouped_mm_works
 from router.model import RouterModel
@@ -69,6 +70,13 @@ def check_experts(metas: list[dict], configs: list[dict], paths: list) -> None:
         if missing:
             raise UsageError(f"expert {path}: expert.json has no {', '.join(map(repr, missing))} (an image expert needs them)")
     first, first_cfg = metas[0], configs[0]
+    for meta, path in zip(metas, paths):
+        if conditioning(meta) != conditioning(first):
+            raise UsageError(f"experts of mixed conditioning: {path} is {conditioning(meta)}-conditional, "
+                             f"{paths[0]} is {conditioning(first)}-conditional; one ensemble takes one kind")
+        theirs, ours = (meta.get("text_encoder") or {}).get("hash"), (first.get("text_encoder") or {}).get("hash")
+        if theirs != ours:
+            raise UsageError(f"expert {path} was trained with text encoder {theirs}, {paths[0]} with {ours}")
     seen = set()
     for meta, cfg, path in zip(metas, configs, paths):
         check_same_vae(meta.get("vae"), f"expert {path}", first.get("vae"), f"expert {paths[0]}")
@@ -84,6 +92,11 @@ def check_experts(metas: list[dict], configs: list[dict], paths: list) -> None:
         if island in seen:
             raise UsageError(f"expert {path}: island {island} is given twice")
         seen.add(island)
+
+
+def conditioning(meta: dict) -> str:
+    """"class" or "text" (experts written before text experts existed are class-conditional)."""
+    return meta.get("conditioning", "class")
 
 
 def check_device(name) -> torch.device:
@@ -169,12 +182,22 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
                 raise UsageError(f"router was trained for {key}={rc.get(key)!r}, the experts have {self.metas[0].get(key)!r}")
         if rc.num_classes and rc.num_classes != self.metas[0]["num_classes"]:
             raise UsageError(f"router has {rc.num_classes} classes, the experts {self.metas[0]['num_classes']}")
+        self.text = conditioning(self.metas[0]) == "text"
+        if self.text and not rc.get("text_dim"):
+            raise UsageError("the router was trained without text, but the experts are text-conditional: "
+                             "train the router on these experts (ddm train-router)")
+        if not self.text and rc.get("text_dim"):
+            raise UsageError("the router is conditioned on text, but the experts are class-conditional")
+        text_hash = (self.metas[0].get("text_encoder") or {}).get("hash")
+        if self.text and rc.get("text_encoder_hash") != text_hash:
+            raise UsageError(f"the router was trained with text encoder {rc.get('text_encoder_hash')}, the experts with {text_hash}")
         self.router = router
         self.experts = nn.ModuleList(experts)
         self.islands = [m["island"] for m in self.metas]
         self.strategy = parse_strategy(strategy, k)
         self.register_to_config(
-            strategy=str(self.strategy), islands=self.islands, num_experts=k, **{key: ec.get(key) for key in SHAPE_KEYS}
+            strategy=str(self.strategy), islands=self.islands, num_experts=k, **{key: ec.get(key) for key in SHAPE_KEYS},
+            conditioning=conditioning(self.metas[0]), caption_channels=ec.get("caption_channels"),
         )
         self.register_buffer("present", torch.tensor(self.islands), persistent=False)
         self.dispatch = dispatch
@@ -203,6 +226,10 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
             device = placement[min(placement)]
         router = load_router(router_dir, device, dtype)
         parse_strategy(strategy, router.config.num_experts)  # fail before loading the experts
+        text_experts = [p for p in expert_dirs if conditioning(read_expert_meta(p)) == "text"]
+        if text_experts and not router.config.get("text_dim"):
+            raise UsageError(f"the router {router_dir} was trained without text, but expert {text_experts[0]} is "
+                             "text-conditional: train the router on these experts (ddm train-router)")
         loaded = [load_expert(p, device=d, dtype=dtype) for p, d in zip(expert_dirs, devices)]
         metas = [m for _, m in loaded]
         check_experts(metas, [dict(model.config) for model, _ in loaded], expert_dirs)
@@ -230,21 +257,23 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
             self.routing_generator = torch.Generator(generator.device).manual_seed(seed)
 
-    def route(self, hidden_states, timestep, class_labels=None) -> torch.Tensor:
+    def route(self, hidden_states, timestep, class_labels=None, pooled_text=None) -> torch.Tensor:
         """(B, P) weights over the experts present (router probabilities renormalized over them, then the strategy)."""
         n = self.guidance_pairs
         if not n:
-            return self.route_rows(hidden_states, timestep, class_labels)
+            return self.route_rows(hidden_states, timestep, class_labels, pooled_text)
         if hidden_states.shape[0] != 2 * n:
             raise UsageError(f"routing was reset for {n} guided samples (2 x {n} rows), got {hidden_states.shape[0]} rows")
-        weights = self.route_rows(hidden_states[:n], timestep[:n], None if class_labels is None else class_labels[:n])
+        first = [None if c is None else c[:n] for c in (class_labels, pooled_text)]
+        weights = self.route_rows(hidden_states[:n], timestep[:n], *first)
         return torch.cat([weights, weights])
 
-    def route_rows(self, hidden_states, timestep, class_labels) -> torch.Tensor:
+    def route_rows(self, hidden_states, timestep, class_labels, pooled_text=None) -> torch.Tensor:
         strategy = self.strategy
 
         def probs():
-            logits = self.router(hidden_states, timestep, class_labels)[:, self.present]
+            text = (pooled_text,) if self.text else ()  # a class router takes no text argument
+            logits = self.router(hidden_states, timestep, class_labels, *text)[:, self.present]
             return logits.float().softmax(dim=1)
 
         if strategy.name != "trajectory":
@@ -263,25 +292,39 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
         low_noise = timestep < strategy.handover * 1000  # timestep = 1000 sigma
         return torch.where(low_noise[:, None], later, self.trajectory_draw)
 
-    def forward(self, hidden_states, timestep=None, class_labels=None, cross_attention_kwargs=None, return_dict=True):
+    def forward(self, hidden_states, timestep=None, class_labels=None, cross_attention_kwargs=None, return_dict=True,
+                encoder_hidden_states=None, encoder_attention_mask=None, pooled_projections=None, added_cond_kwargs=None):
+        """The expert's arguments: DiT's (class_labels) or PixArt's (encoder_hidden_states, encoder_attention_mask,
+        added_cond_kwargs), plus `pooled_projections` (B, P), the prompts' pooled embeddings the text router reads."""
         batch = hidden_states.shape[0]
         timestep = torch.as_tensor(timestep, device=hidden_states.device)
         timestep = timestep.expand(batch) if timestep.dim() == 0 else timestep
-        weights = self.route(hidden_states, timestep, class_labels)
+        weights = self.route(hidden_states, timestep, class_labels, pooled_projections)
         self.routing_weights.append(
             torch.zeros(batch, self.config.num_experts, dtype=weights.dtype, device=weights.device).index_copy_(1, self.present, weights)
         )
+        # per-row conditions (sliced with the rows) and whole-call options
+        if self.text:
+            rows_cond = {"encoder_hidden_states": encoder_hidden_states, "encoder_attention_mask": encoder_attention_mask}
+            options = {"added_cond_kwargs": added_cond_kwargs or NO_EXTRA_CONDITIONS}
+        else:
+            rows_cond, options = {"class_labels": class_labels}, {}
+        rows_cond = {k: v for k, v in rows_cond.items() if v is not None}
+        if cross_attention_kwargs is not None:
+            options["cross_attention_kwargs"] = cross_attention_kwargs
         if len(self.experts) == 1:  # the weight is 1: the expert itself, bit for bit
-            out = self.experts[0](hidden_states, timestep, class_labels, cross_attention_kwargs).sample
+            out = self.experts[0](hidden_states, timestep=timestep, **rows_cond, **options).sample
         elif (grouped := self.grouped_experts()) is not None:
             out = self.forward_grouped(grouped, hidden_states, timestep, class_labels, weights, cross_attention_kwargs)
         else:
-            out = self.forward_gather(hidden_states, timestep, class_labels, weights, cross_attention_kwargs)
+            out = self.forward_gather(hidden_states, timestep, rows_cond, options, weights)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     def grouped_experts(self) -> GroupedExperts | None:
         """The stacked experts when this step runs grouped, else None (gather)."""
-        if self.dispatch == "gather" or self.strategy.experts_per_row(len(self.experts)) is None:
+        if self.text and self.dispatch == "grouped":
+            raise UsageError("dispatch 'grouped' stacks DiT experts; text-conditional (PixArt) experts run with 'gather'")
+        if self.text or self.dispatch == "gather" or self.strategy.experts_per_row(len(self.experts)) is None:
             return None  # threshold: a row's expert count depends on the weights, so its shapes cannot be fixed
         first = next(self.experts[0].parameters())
         if self.dispatch == "auto" and not grouped_is_fast(first.device, first.dtype):
@@ -314,7 +357,7 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
         v = v[order.argsort()].view(batch, m, *v.shape[1:])
         return (v * w.view(batch, m, *[1] * (v.dim() - 2)).to(v.dtype)).sum(1)
 
-    def forward_gather(self, hidden_states, timestep, class_labels, weights, cross_attention_kwargs):
+    def forward_gather(self, hidden_states, timestep, rows_cond: dict, options: dict, weights):
         """One call per expert on its rows, on the expert's device."""
         batch = hidden_states.shape[0]
         chosen = weights > 0
@@ -326,12 +369,12 @@ class DDMEnsemble(ModelMixin, ConfigMixin):
                 continue
             device = next(expert.parameters()).device
             if n == batch:  # the whole batch: no gather, so one routed expert reproduces the expert exactly
-                labels = None if class_labels is None else class_labels.to(device)
-                v = expert(hidden_states.to(device), timestep.to(device), labels, cross_attention_kwargs).sample.to(out.device)
+                cond = {k: v.to(device) for k, v in rows_cond.items()}
+                v = expert(hidden_states.to(device), timestep=timestep.to(device), **cond, **options).sample.to(out.device)
                 out += v * w.view(-1, 1, 1, 1).to(v.dtype)
             else:
-                labels = None if class_labels is None else class_labels[rows].to(device)
-                v = expert(hidden_states[rows].to(device), timestep[rows].to(device), labels, cross_attention_kwargs).sample
+                cond = {k: v[rows].to(device) for k, v in rows_cond.items()}
+                v = expert(hidden_states[rows].to(device), timestep=timestep[rows].to(device), **cond, **options).sample
                 out.index_add_(0, rows, v.to(out.device) * w[rows].view(-1, 1, 1, 1).to(v.dtype))
         return out
 

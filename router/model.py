@@ -1,4 +1,4 @@
-"""The router r(x_t, t[, class]) -> K logits: a narrow DiT-style encoder with a pooled head.
+"""The router r(x_t, t[, class | pooled text]) -> K logits: a narrow DiT-style encoder with a pooled head.
 
 It predicts which island a noisy sample came from, p(k | x_t), on the experts' own noise path
 (docs/design.md §2). `logit_correction` = log(pi_k / pi_k^train) is added to the logits when router
@@ -14,6 +14,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ddm import UsageError
+
 
 def timestep_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features of the timestep (1000 sigma), as in DiT."""
@@ -26,7 +28,9 @@ def timestep_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
 class RouterModel(ModelMixin, ConfigMixin):
     """Patchify -> [CLS | patches] + (timestep [+ class] embedding) -> pre-norm transformer layers -> CLS -> K logits.
 
-    With `num_classes` set, class label `num_classes` means "no class" (the CFG null label), as for experts.
+    With `num_classes` set, class label `num_classes` means "no class" (the CFG null label), as for experts. With
+    `text_dim` set it is conditioned on the prompt's pooled text embedding (p(k | x_t, t, text)); `text_encoder_hash`
+    names the encoder that made it.
     `flow`, `manifest_fingerprint` and `vae_hash` (latent-space data) record what the router was trained for; the
     ensemble checks them.
     """
@@ -46,6 +50,8 @@ class RouterModel(ModelMixin, ConfigMixin):
         flow: dict | None = None,
         manifest_fingerprint: str | None = None,
         vae_hash: str | None = None,
+        text_dim: int | None = None,
+        text_encoder_hash: str | None = None,
     ):
         super().__init__()
         num_patches = (sample_size // patch_size) ** 2
@@ -54,6 +60,7 @@ class RouterModel(ModelMixin, ConfigMixin):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))  # the pooled read-out attends to every patch
         self.time_embed = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
         self.class_embed = nn.Embedding(num_classes + 1, hidden_dim) if num_classes else None
+        self.text_embed = nn.Sequential(nn.Linear(text_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)) if text_dim else None
         layer = nn.TransformerEncoderLayer(
             hidden_dim, num_heads, 4 * hidden_dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
         )
@@ -65,13 +72,18 @@ class RouterModel(ModelMixin, ConfigMixin):
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=0.02)
 
-    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None,
+                pooled_text: torch.Tensor | None = None) -> torch.Tensor:
         x = self.patch_embed(hidden_states).flatten(2).transpose(1, 2) + self.pos_embed
         cond = self.time_embed(timestep_embedding(timestep, x.shape[-1]).to(x.dtype))
         if self.class_embed is not None:
             if class_labels is None:
                 class_labels = torch.full_like(timestep, self.config.num_classes, dtype=torch.long)
             cond = cond + self.class_embed(class_labels)
+        if self.text_embed is not None:
+            if pooled_text is None:
+                raise UsageError("this router is conditioned on text: pass the prompts' pooled embeddings (pooled_projections)")
+            cond = cond + self.text_embed(pooled_text.to(x.dtype))
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + cond[:, None]
         x = self.blocks(x)
         return self.head(self.norm(x[:, 0])) + self.prior_correction

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ddm import UsageError
 from ddm.io import replacing_dir, verify_owned
+from router.output import OUTPUT_TYPES, finish
 from router.strategies import DEFAULT_GUIDANCE_ROUTING, check_guidance_routing
 
-OUTPUT_TYPES = ("pil", "np", "pt")
 
 
 class DDMPipeline(DiffusionPipeline):
@@ -79,16 +78,7 @@ class DDMPipeline(DiffusionPipeline):
                 cond, uncond = velocity.chunk(2)
                 velocity = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(velocity, t, latents).prev_sample
-        if self.vae is not None:  # model-space latents -> the VAE's own -> images in [-1, 1]
-            scaling, shift = self.vae.config.scaling_factor, self.vae.config.shift_factor or 0.0
-            latents = self.vae.decode(latents.to(self.vae.dtype) / scaling + shift).sample
-        images = (latents / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            images = images.float().permute(0, 2, 3, 1).cpu().numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return finish(self, latents, output_type, return_dict)
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs) -> None:
         """The diffusers folder, written whole or not at all (staged beside it, then swapped in)."""
@@ -105,24 +95,40 @@ def make_pipeline(transformer, flow_shift: float = 1.0, vae=None) -> DDMPipeline
     return pipe
 
 
-def ensemble_pipeline(router_dir, expert_dirs, strategy: str | None = None, device=None, dtype=None, device_map=None) -> DDMPipeline:
-    """Router directory + any subset of expert directories → a pipeline over their ensemble (experts on the
-    devices of `device_map`, see DDMEnsemble.from_dirs)."""
+def pipeline_for(transformer, meta: dict, device=None, text_encoder=None):
+    """The pipeline of a model (an expert or an ensemble; `meta` one expert.json): text experts get a TextDDMPipeline
+    with their text encoder (or `text_encoder`, a folder checked to be the same), class experts a DDMPipeline."""
     from ddm.data.vae import expert_vae
+    from router.ensemble import conditioning
+
+    vae = expert_vae(meta, device)
+    if conditioning(meta) == "text":
+        from router.text_pipeline import make_text_pipeline
+
+        return make_text_pipeline(transformer, meta, vae, text_encoder, device)
+    if text_encoder is not None:
+        raise UsageError("--text-encoder goes with text-conditional experts; these are class-conditional")
+    return make_pipeline(transformer, meta["flow"]["shift"], vae)
+
+
+def ensemble_pipeline(router_dir, expert_dirs, strategy: str | None = None, device=None, dtype=None, device_map=None,
+                      text_encoder=None):
+    """Router directory + any subset of expert directories → a pipeline over their ensemble (experts on the
+    devices of `device_map`, see DDMEnsemble.from_dirs): a DDMPipeline, or a TextDDMPipeline for text experts."""
     from router.ensemble import DDMEnsemble
     from router.strategies import DEFAULT_STRATEGY
 
     ensemble = DDMEnsemble.from_dirs(router_dir, expert_dirs, strategy or DEFAULT_STRATEGY, device, dtype, device_map=device_map)
-    return make_pipeline(ensemble, ensemble.flow_shift, expert_vae(ensemble.metas[0], ensemble.router.device))
+    return pipeline_for(ensemble, ensemble.metas[0], ensemble.router.device, text_encoder)
 
 
-def load_pipeline(path, strategy: str | None = None, device=None, dtype=None, device_map=None) -> DDMPipeline:
-    """A pipeline from a pipeline folder (model_index.json), an ensemble (ensemble.json) or one expert (expert.json).
+def load_pipeline(path, strategy: str | None = None, device=None, dtype=None, device_map=None, text_encoder=None):
+    """A pipeline from a pipeline folder (model_index.json), an ensemble (ensemble.json) or one expert (expert.json):
+    a DDMPipeline, or a TextDDMPipeline (router/text_pipeline.py) for text-conditional experts.
 
     `strategy` overrides an ensemble's routing strategy and `device_map` places its experts (DDMEnsemble.from_dirs);
-    a single expert has neither.
+    a single expert has neither. `text_encoder` gives the folder of the experts' text encoder when it moved.
     """
-    from ddm.data.vae import expert_vae
     from ddm.models.experts import load_expert
     from router.ensemble import DDMEnsemble
 
@@ -132,9 +138,11 @@ def load_pipeline(path, strategy: str | None = None, device=None, dtype=None, de
             class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
         except (OSError, json.JSONDecodeError) as e:
             raise UsageError(f"{path / 'model_index.json'} is unreadable: {e}") from None
-        if class_name != DDMPipeline.__name__:
-            raise UsageError(f"{path} holds a {class_name} pipeline, not a {DDMPipeline.__name__}")
+        if class_name not in (DDMPipeline.__name__, "TextDDMPipeline"):
+            raise UsageError(f"{path} holds a {class_name} pipeline, not a {DDMPipeline.__name__} or TextDDMPipeline")
         verify_owned(path, "pipeline")  # every file as ddm wrote it (SHA-256)
+        if class_name == "TextDDMPipeline":
+            return load_text_folder(path, strategy, device, dtype, device_map)
         if device_map is not None:  # the ensemble inside, placed by hand; the rest as diffusers would load it
             ensemble = DDMEnsemble.from_pretrained(path / "transformer", strategy=strategy, torch_dtype=dtype, device_map=device_map)
             vae = None
@@ -156,10 +164,31 @@ def load_pipeline(path, strategy: str | None = None, device=None, dtype=None, de
         return pipe.to(device) if device is not None else pipe
     if (path / DDMEnsemble.config_name).is_file():
         ensemble = DDMEnsemble.from_pretrained(path, strategy=strategy, device=device, torch_dtype=dtype, device_map=device_map)
-        return make_pipeline(ensemble, ensemble.flow_shift, expert_vae(ensemble.metas[0], ensemble.router.device))
+        return pipeline_for(ensemble, ensemble.metas[0], ensemble.router.device, text_encoder)
     if (path / "expert.json").is_file():
         if strategy or device_map:
             raise UsageError(f"--strategy / --expert-devices need an ensemble; {path} is a single expert")
         model, meta = load_expert(path, device=device, dtype=dtype)
-        return make_pipeline(model, meta["flow"]["shift"], expert_vae(meta, device))
+        return pipeline_for(model, meta, device, text_encoder)
     raise UsageError(f"{path} is not a pipeline folder (model_index.json), an ensemble (ensemble.json) or an expert (expert.json)")
+
+
+def load_text_folder(path: Path, strategy, device, dtype, device_map):
+    """A TextDDMPipeline folder; with `device_map` its ensemble is loaded placed by hand and handed to diffusers."""
+    from router.ensemble import DDMEnsemble
+    from router.text_pipeline import TextDDMPipeline
+
+    parts = {}
+    if device_map is not None:
+        parts["transformer"] = DDMEnsemble.from_pretrained(path / "transformer", strategy=strategy, torch_dtype=dtype, device_map=device_map)
+    try:
+        pipe = TextDDMPipeline.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, **parts)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"cannot load the pipeline in {path}: {str(e).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    if isinstance(pipe.transformer, DDMEnsemble):
+        if strategy:
+            pipe.transformer.set_strategy(strategy)
+    elif strategy:
+        raise UsageError(f"--strategy {strategy} needs an ensemble; {path} holds a single expert")
+    return pipe.to(device) if device is not None and device_map is None else pipe

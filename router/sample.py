@@ -54,8 +54,9 @@ def image_grid(images01: torch.Tensor, scale: int = 1, columns: int | None = Non
     return buf.getvalue()
 
 
-def routing_statistics(weights: list[torch.Tensor], labels: torch.Tensor, sigmas: torch.Tensor, cfg: bool) -> dict:
-    """weights: one (B, K) tensor per step (B = n, or 2n with CFG: conditional rows first)."""
+def routing_statistics(weights: list[torch.Tensor], labels: torch.Tensor, sigmas: torch.Tensor, cfg: bool, key: str = "class") -> dict:
+    """weights: one (B, K) tensor per step (B = n, or 2n with CFG: conditional rows first); `labels` are each
+    sample's class, or its prompt's index (key "prompt") for text experts."""
     n = len(labels)
     w = torch.stack(weights)  # steps, B, K
     cond = w[:, :n]
@@ -72,7 +73,7 @@ def routing_statistics(weights: list[torch.Tensor], labels: torch.Tensor, sigmas
             }
             for i, s in enumerate(sigmas)
         ],
-        "samples": [{"class": int(labels[j]), "experts": chosen[:, j].tolist()} for j in range(n)],
+        "samples": [{key: int(labels[j]), "experts": chosen[:, j].tolist()} for j in range(n)],
     }
     if cfg:
         uncond = w[:, n:].argmax(-1)
@@ -92,8 +93,12 @@ def add_arguments(p) -> None:
     p.add_argument("--expert-devices", default=None,
                    help="put experts on several devices: cuda:0,cuda:1,... (one per expert, island order) or 0=cuda:0,2=cuda:1; "
                         "the router goes on the first")
-    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--n", type=int, default=None, help="number of samples (default 64), or per prompt with --prompt/--prompts (default 4)")
     p.add_argument("--classes", type=int, nargs="+", help="class labels, cycled to n (default 0..C-1 cycled)")
+    p.add_argument("--prompt", action="append", default=None, help="text-conditional experts: a prompt (repeat the flag for several)")
+    p.add_argument("--prompts", default=None, help="text-conditional experts: a UTF-8 file with one prompt per line")
+    p.add_argument("--negative-prompt", default="", help="the guidance's unconditional branch for every prompt (default: the empty caption)")
+    p.add_argument("--text-encoder", default=None, help="folder of the experts' text encoder, if it moved (checked by hash)")
     p.add_argument("--steps", type=int, default=50, help="Euler sampling steps")
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial noise and any sampled routing")
@@ -133,6 +138,8 @@ def run(args) -> int:
     if args.columns is not None and args.columns < 1:
         raise UsageError(f"--columns must be >= 1, got {args.columns}")
     check_guidance_routing(args.guidance_routing)
+    prompts = read_prompts(args)
+    args.n = args.n if args.n is not None else (4 if prompts else 64)
     for name in ("n", "steps", "scale"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -143,12 +150,17 @@ def run(args) -> int:
     if args.save_ensemble:
         check_owned(Path(args.save_ensemble), "pipeline", "--save-ensemble")
     if args.ensemble:
-        pipe = load_pipeline(args.ensemble, args.strategy, device_map=args.expert_devices)
+        pipe = load_pipeline(args.ensemble, args.strategy, device_map=args.expert_devices, text_encoder=args.text_encoder)
     else:
-        pipe = ensemble_pipeline(args.router, args.experts, args.strategy, device_map=args.expert_devices)
+        pipe = ensemble_pipeline(args.router, args.experts, args.strategy, device_map=args.expert_devices, text_encoder=args.text_encoder)
     ensemble = pipe.transformer
     if not isinstance(ensemble, DDMEnsemble):
         raise UsageError(f"--ensemble {args.ensemble} holds a single expert; `ddm sample` reports routing, so it needs an ensemble")
+    if ensemble.text != bool(prompts):
+        raise UsageError(f"{'--classes: ' if args.classes else ''}these experts are text-conditional: give --prompt or --prompts" if ensemble.text
+                         else "--prompt/--prompts need text-conditional experts; these are class-conditional (use --classes)")
+    if prompts:
+        return sample_prompts(args, pipe, prompts, out)
     num_classes = ensemble.config.num_embeds_ada_norm
     bad = [c for c in args.classes or [] if not 0 <= c < num_classes]
     if bad:
@@ -172,6 +184,46 @@ def run(args) -> int:
     share = (torch.bincount(used, minlength=stats["num_experts"]).float() / len(used)).tolist()
     print(f"wrote {out} ({args.n} samples, strategy {ensemble.strategy}); expert share over steps: "
           + ", ".join(f"{k}: {s:.2f}" for k, s in enumerate(share)))
+    return 0
+
+
+def read_prompts(args) -> list[str]:
+    """The prompts of --prompt / --prompts (checked before anything loads), [] for class sampling."""
+    from ddm.data.captions import read_prompts_file
+
+    if args.prompt and args.prompts:
+        raise UsageError("give --prompt or --prompts, not both")
+    if args.prompts:
+        prompts = read_prompts_file(args.prompts)
+    else:
+        prompts = list(args.prompt or [])
+    if prompts and args.classes:
+        raise UsageError("--classes goes with class-conditional experts, --prompt/--prompts with text-conditional ones")
+    return prompts
+
+
+def sample_prompts(args, pipe, prompts: list[str], out: Path) -> int:
+    """`--n` samples per prompt, one grid row per prompt; the .safetensors holds `prompt_index` instead of labels."""
+    from ddm.io import output_lock
+
+    ensemble = pipe.transformer
+    index = torch.arange(len(prompts)).repeat_interleave(args.n)
+    with output_lock(out, folder=False), output_lock(Path(args.save_ensemble)) if args.save_ensemble else contextlib.nullcontext():
+        images = pipe(prompts, negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                      num_images_per_prompt=args.n, generator=torch.Generator().manual_seed(args.seed), output_type="pt",
+                      guidance_routing=args.guidance_routing).images.cpu()
+        if not torch.isfinite(images).all():
+            raise UsageError("sampling produced non-finite values (a diverged expert or router?); nothing was written")
+        stats = routing_statistics([w.cpu() for w in ensemble.routing_weights], index, pipe.scheduler.sigmas[:-1], args.cfg != 1.0, "prompt")
+        stats.update(format=SAMPLE_FORMAT, strategy=str(ensemble.strategy), islands_present=ensemble.islands, seed=args.seed, cfg=args.cfg,
+                     guidance_routing=args.guidance_routing, prompts=prompts, negative_prompt=args.negative_prompt,
+                     text_encoder_seconds=pipe.encode_seconds)
+        atomic_write_json(out.with_suffix(".json"), stats)  # first: it marks the three files as ours
+        atomic_write_bytes(out, image_grid(images, args.scale, args.columns or args.n))
+        atomic_save_tensors(out.with_suffix(".safetensors"), {"images": images, "prompt_index": index}, metadata={"format": SAMPLE_FORMAT})
+        if args.save_ensemble:
+            pipe.save_pretrained(args.save_ensemble)
+    print(f"wrote {out} ({len(prompts)} prompts x {args.n} samples, strategy {ensemble.strategy})")
     return 0
 
 

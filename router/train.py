@@ -1,5 +1,9 @@
 """`ddm train-router`: learn p(k | x_t) on exactly the experts' noise path and sigma distribution.
 
+For text-conditional experts the router learns p(k | x_t, t, text), conditioned on the captions' pooled embeddings
+from the experts' own text encoder; 10% of them are replaced by the empty caption's so the router also serves
+classifier-free guidance rows routed alone (`guidance_routing="per-row"`).
+
 Cross-entropy against the island index k of x0 in S_k, with x_t = (1 - sigma) x0 + sigma eps and sigma
 drawn from the experts' FlowConfig. With --balance, batches draw every island equally often and the logits
 get log(pi_k / pi_k^train) so the router still predicts the posterior under the true prior pi_k = |S_k| / N.
@@ -84,7 +88,9 @@ def fit_router(
     class_cond: bool = False,
     balance: bool = False,
     log_every: int = 0,
+    text=None,
 ) -> RouterModel:
+    """`text`: the experts' caption table (ddm/data/text_embeddings.py) for a text-conditioned router, else None."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # parameter init
     islands = manifest.assignments
@@ -99,6 +105,7 @@ def fit_router(
         hidden_dim=width, num_layers=layers, num_heads=heads, num_classes=num_classes if class_cond else None,
         logit_correction=correction, flow=flow.to_dict(), manifest_fingerprint=manifest.fingerprint,
         vae_hash=(manifest.extra.get("vae") or {}).get("hash"),
+        text_dim=None if text is None else text.pooled.shape[1], text_encoder_hash=None if text is None else text.record["hash"],
     )
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -112,12 +119,15 @@ def fit_router(
         x0 = images[idx]
         sigma = flow.sample_sigmas(batch_size, generator=gen)
         x_t = add_noise(x0, torch.randn(x0.shape, generator=gen), sigma)
-        class_labels = None
+        class_labels = pooled = None
+        if text is not None:  # 10% empty captions, as the experts' caption dropout
+            drop = torch.rand(batch_size, generator=gen) < 0.1
+            pooled = torch.where(drop[:, None], text.empty_pooled, text.pooled[idx])
         if class_cond:  # drop 10% of labels so the router also serves the CFG null-label rows
             drop = torch.rand(batch_size, generator=gen) < 0.1
             class_labels = torch.where(drop, torch.full_like(labels[idx], num_classes), labels[idx])
         # the correction is a constant offset: train on the plain logits of the (rebalanced) batches
-        logits = router(x_t, to_timestep(sigma), class_labels) - router.prior_correction
+        logits = router(x_t, to_timestep(sigma), class_labels, pooled) - router.prior_correction
         loss = F.cross_entropy(logits, islands[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,7 +139,8 @@ def fit_router(
 
 
 @torch.inference_mode()
-def accuracy_by_sigma(router: RouterModel, images, labels, islands, flow: FlowConfig, num_classes: int, seed: int = 1234) -> dict:
+def accuracy_by_sigma(router: RouterModel, images, labels, islands, flow: FlowConfig, num_classes: int, seed: int = 1234,
+                      pooled: torch.Tensor | None = None) -> dict:
     """Top-1 accuracy of the router on every sample, with sigma uniform inside each bucket, vs the prior's."""
     gen = torch.Generator().manual_seed(seed)
     prior = torch.bincount(islands).float() / len(islands)
@@ -138,7 +149,7 @@ def accuracy_by_sigma(router: RouterModel, images, labels, islands, flow: FlowCo
     for lo, hi in zip(SIGMA_BUCKETS[:-1], SIGMA_BUCKETS[1:]):
         sigma = lo + (hi - lo) * torch.rand(len(images), generator=gen)
         x_t = add_noise(images, torch.randn(images.shape, generator=gen), sigma)
-        pred = router(x_t, to_timestep(sigma), class_labels).argmax(1)
+        pred = router(x_t, to_timestep(sigma), class_labels, pooled).argmax(1)
         rows.append({"sigma": [lo, hi], "accuracy": (pred == islands).float().mean().item()})
     metrics = {"buckets": rows, "prior_accuracy": prior.max().item(), "num_samples": len(images), "training_flow": flow.to_dict()}
     if class_labels is not None:  # what the class alone tells: sum_c p(c) max_k p(k | c)
@@ -147,15 +158,18 @@ def accuracy_by_sigma(router: RouterModel, images, labels, islands, flow: FlowCo
     return metrics
 
 
-def router_flop_ratio(router: RouterModel, expert_config: dict) -> dict:
+def router_flop_ratio(router: RouterModel, expert_config: dict, meta: dict | None = None) -> dict:
     """Router FLOPs / expert FLOPs for one sample's forward (the expert is built from its config, no weights)."""
-    from diffusers import DiTTransformer2DModel
+    from ddm.models.experts import MODEL_CLASSES, dummy_condition
 
-    expert = DiTTransformer2DModel.from_config(expert_config)
+    meta = meta or {"model_class": "DiTTransformer2DModel"}
+    expert = MODEL_CLASSES[meta["model_class"]].from_config(expert_config)
     c, s = expert_config["in_channels"], expert_config["sample_size"]
     x, t, y = torch.zeros(1, c, s, s), torch.full((1,), 500.0), torch.zeros(1, dtype=torch.long)
-    r = measured_flops(router, x, t, y if router.config.num_classes else None)
-    e = measured_flops(expert, x, t, y)
+    text_length = (meta.get("text_encoder") or {}).get("max_length", 16)
+    pooled = torch.zeros(1, router.config.text_dim) if router.config.text_dim else None
+    r = measured_flops(router, x, t, y if router.config.num_classes else None, pooled)
+    e = measured_flops(expert, x, timestep=t, **dummy_condition(expert, 1, text_length=text_length))
     return {"router_flops": r, "expert_flops": e, "router_over_expert": r / e}
 
 
@@ -178,6 +192,26 @@ def print_metrics(metrics: dict) -> None:
         print(f"prior given the class (majority island per class): {metrics['prior_accuracy_given_class']:.3f}")
     if "router_over_expert" in metrics:
         print(f"router FLOPs / expert FLOPs per forward: {metrics['router_over_expert']:.3f}")
+
+
+def experts_caption_table(dataset, meta: dict, class_cond):
+    """The caption table of text-conditional experts (their own encoder's; refused if it is another), else None."""
+    from ddm.data.text_embeddings import caption_table
+
+    record = meta.get("text_encoder")
+    if meta.get("conditioning", "class") != "text":
+        return None
+    if class_cond:
+        raise UsageError("--class-cond: these experts are conditioned on text, not on classes")
+    path = record["path"] if Path(record["path"]).is_dir() else record["abspath"]
+    # empty captions allowed: the captions' hash tells whether they are the ones the experts were trained on
+    table = caption_table(dataset, None if hasattr(dataset, "text_table") else path, allow_empty=True)
+    if table.record["hash"] != record["hash"]:
+        raise UsageError(f"the captions of {dataset.name} are embedded by text encoder {table.record['hash']}, "
+                         f"the experts by {record['hash']} ({record['path']})")
+    if table.record["captions_hash"] != record.get("captions_hash"):
+        raise UsageError(f"the captions of {dataset.name} changed since the experts were trained on them")
+    return table
 
 
 def add_arguments(p) -> None:
@@ -214,7 +248,9 @@ def run(args) -> int:
     flow, expert_config, meta = read_experts(manifest, args.experts)
     if expert_config["sample_size"] % expert_config["patch_size"]:
         raise UsageError(f"expert sample size {expert_config['sample_size']} is not divisible by its patch size")
-    images, labels = dataset_tensors(manifest.load_dataset())
+    dataset = manifest.load_dataset()
+    text = experts_caption_table(dataset, meta, args.class_cond)
+    images, labels = dataset_tensors(dataset)
     if tuple(images.shape[1:]) != (expert_config["in_channels"], expert_config["sample_size"], expert_config["sample_size"]):
         raise UsageError(f"data samples are {tuple(images.shape[1:])}, experts expect {expert_config['in_channels']}x{expert_config['sample_size']}")
     with output_lock(Path(args.out)):
@@ -223,9 +259,11 @@ def run(args) -> int:
             images, labels, manifest, flow, meta["num_classes"], steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             seed=args.seed, width=args.width, layers=args.layers, heads=args.heads, patch_size=expert_config["patch_size"],
             class_cond=meta["num_classes"] > 1 if args.class_cond is None else args.class_cond, balance=args.balance, log_every=max(1, args.steps // 10),
+            text=text,
         )
-        metrics = accuracy_by_sigma(router, images, labels, manifest.assignments, flow, meta["num_classes"])
-        metrics.update(router_flop_ratio(router, expert_config), train_seconds=time.perf_counter() - start, steps=args.steps)
+        metrics = accuracy_by_sigma(router, images, labels, manifest.assignments, flow, meta["num_classes"],
+                                    pooled=None if text is None else text.pooled)
+        metrics.update(router_flop_ratio(router, expert_config, meta), train_seconds=time.perf_counter() - start, steps=args.steps)
         save_router(router, metrics, args.out)
     print_metrics(metrics)
     print(f"router saved to {args.out}")

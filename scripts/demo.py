@@ -9,7 +9,10 @@ Stages:
   5. video_model  the shipped video expert (ddm/assets/video/quick), copied    -> outputs/demo/video-model
   6. video        a 60 s DualParal render of it on 2 processes, with the settings it carries, + its scores
                   (fidelity, seams, drift, motion)                            -> outputs/demo/video.mp4
-  7. page         everything on one page, with frame strips and the motion curve -> outputs/demo/index.html
+  7. text         text-to-image DDM on the captioned digits: islands of caption embeddings, PixArt experts
+                  and a monolith conditioned on the embedded text encoder, a router on the pooled prompt,
+                  prompted grids and scores of ensemble and monolith             -> outputs/demo/text/
+  8. page         everything on one page, with frame strips and the motion curve -> outputs/demo/index.html
 
 The video model is not trained here: it took longer on 2 CPU cores than the whole demo may (docs/video.md has
 the commands that made it, and how long they took).
@@ -53,6 +56,11 @@ SETTINGS = {
     "shipped_video_model": REPO / "ddm" / "assets" / "video" / "quick",
     "video_prompt": "a 3 moving right",
     "video_seconds": 4 if FAST else 60,
+    "text_k": 2,
+    "text_steps": 20 if FAST else 250,
+    "text_lr": 3e-3,  # cross-attention to the caption learns slower than DiT's class embedding (docs/ddm.md)
+    "text_router_steps": 30 if FAST else 500,
+    "text_eval_samples": 40 if FAST else 200,
 }
 
 
@@ -85,7 +93,7 @@ def train_expert(ctx: dict, island: str, out: Path, batch_size: int, manifest: P
             print(f"reusing {out} (trained {meta['steps']} steps)")
             return
     run_ddm("train", "--manifest", manifest or ctx["manifest"], "--island", island, "--out", out,
-            "--modality", modality, "--preset", ctx["preset"] if modality == "image" else "small",
+            "--modality", modality, "--preset", ctx["preset"] if modality in ("image", "text") else "small",
             "--steps", steps, "--batch-size", batch_size, "--seed", ctx["seed"], "--lr", lr or ctx["lr"],
             "--warmup-steps", min(warmup_steps or ctx["warmup_steps"], steps), "--ema-decay", ema_decay,
             "--checkpoint-every", max(steps // 4, 1), "--log-every", max(steps // 20, 1))
@@ -165,7 +173,46 @@ def stage_video(ctx: dict) -> None:
     ctx["video_scores"] = json.loads(scores.read_text())["results"][0]
 
 
-STAGES = [stage_partition, stage_train, stage_router, stage_sample, stage_video_model, stage_video, stage_page]
+def stage_text(ctx: dict) -> None:
+    """Text-to-image DDM: the digits with generated captions, embedded by the shipped text encoder; islands of
+    caption embeddings, a PixArt expert per island and a monolith (equal FLOPs), the router on the pooled prompt,
+    then a prompted grid (one row per prompt) and FID / accuracy / per-prompt grids of ensemble and monolith."""
+    from ddm.data.captions import DIGIT_NAMES
+
+    text = ctx["out"] / "text"
+    prompts = text / "prompts.txt"
+    text.mkdir(parents=True, exist_ok=True)
+    prompts.write_text("".join(f"a handwritten {name}\n" for name in DIGIT_NAMES))
+    manifest = text / "manifest"
+    if not (manifest / "manifest.json").is_file():
+        run_ddm("partition", "--data", "digits", "--k", ctx["text_k"], "--features", "text", "--seed", ctx["seed"], "--out", manifest)
+    experts = [text / "experts" / f"island-{k}" for k in range(ctx["text_k"])]
+    for k, out in enumerate(experts):
+        train_expert(ctx, str(k), out, ctx["expert_batch"], manifest, "text", ctx["text_steps"], ctx["text_lr"])
+    monolith = text / "experts" / "monolith"
+    train_expert(ctx, "all", monolith, ctx["text_k"] * ctx["expert_batch"], manifest, "text", ctx["text_steps"], ctx["text_lr"])
+    router = text / "router"
+    if not (router / "router_metrics.json").is_file():
+        run_ddm("train-router", "--manifest", manifest, "--experts", *experts, "--out", router,
+                "--steps", ctx["text_router_steps"], "--seed", ctx["seed"])
+    ensemble, grid = text / "ensemble", text / "grid.png"
+    if not (ensemble / "model_index.json").is_file() or not grid.is_file():
+        run_ddm("sample", "--router", router, "--experts", *experts, "--strategy", "top1", "--prompts", prompts,
+                "--n", 6, "--scale", 8, "--steps", ctx["sample_steps"], "--cfg", 2.0, "--seed", ctx["seed"], "--out", grid,
+                "--save-ensemble", ensemble)
+    ctx["text"] = {"dir": text, "manifest": manifest, "experts": experts, "monolith": monolith, "router": router, "scores": {}}
+    for name, model in (("ensemble (top-1)", ensemble), ("monolith", monolith)):
+        tag = "ensemble" if model == ensemble else "monolith"
+        out = text / f"eval-{tag}.json"
+        if not out.is_file():
+            run_ddm("eval", "--ensemble", model, "--prompts", prompts, "--n", ctx["text_eval_samples"], "--steps", ctx["sample_steps"],
+                    "--cfg", 2.0, "--seed", ctx["seed"], "--grids", text / f"grids-{tag}", "--out", out)
+        ctx["text"]["scores"][name] = json.loads(out.read_text())
+    for name, m in ctx["text"]["scores"].items():
+        print(f"text {name}: FID {m['fid']:.1f}  accuracy of the prompted digit {m['accuracy']:.3f}")
+
+
+STAGES = [stage_partition, stage_train, stage_router, stage_sample, stage_video_model, stage_video, stage_text, stage_page]
 
 
 def main() -> int:

@@ -25,8 +25,15 @@ def test_fast_demo_builds_the_page(tmp_path):
     record = json.loads((out / "video.json").read_text())
     assert frames == record["frames_written"] == 4 * record["settings"]["fps"] and record["ranks"] == 2
     assert "motion score" in page and f"{json.loads((out / 'video-scores.json').read_text())['results'][0]['motion']:.3f}" in page
+    text = out / "text"  # the text-to-image stage: prompted grid, ensemble beside monolith
+    assert "text/grid.png" in page and (text / "grid.png").stat().st_size > 0 and (text / "ensemble" / "model_index.json").is_file()
+    for tag in ("ensemble", "monolith"):
+        scores = json.loads((text / f"eval-{tag}.json").read_text())
+        assert f"{scores['fid']:.1f}" in page and len(list((text / f"grids-{tag}").glob("*.png"))) == 10
+        assert f"text/grids-{tag}/00-a-handwritten-zero.png" in page
     # A second run reuses every stage: nothing is retrained or re-rendered.
-    mtimes = {p: p.stat().st_mtime_ns for p in (out / "video.mp4", out / "experts" / "monolith" / "expert.json")}
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "video.mp4", out / "experts" / "monolith" / "expert.json",
+                                                 text / "experts" / "monolith" / "expert.json")}
     again = subprocess.run([sys.executable, "scripts/demo.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
     assert again.returncode == 0, again.stderr[-3000:]
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())

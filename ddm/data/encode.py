@@ -1,4 +1,6 @@
-"""`ddm encode`: encode an image folder once with a local VAE into a latent cache (format in ddm/data/latents.py).
+"""`ddm encode`: encode an image folder once with a local VAE into a latent cache (format in ddm/data/latents.py);
+with `--text-encoder` also its captions (sidecar .txt or metadata.jsonl, ddm/data/captions.py) into sequence and
+pooled embeddings stored beside the latents (ddm/data/text_encoder.py).
 
 Resumable: plan.json is written first; each finished shard lands by rename; a rerun of the same command keeps the
 finished shards, drops a half-written temp file and encodes the rest; index.json is written last. A rerun with other
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ddm import UsageError
+from ddm.data.text_embeddings import EMPTY, text_shard_name
 from ddm.data.latents import (DTYPES, FORMAT, INDEX, PLAN, cache_fingerprint, file_sha256, num_shards, plan_key,
                               shard_images, shard_name, shard_samples)
 
@@ -30,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float16", choices=list(DTYPES), help="storage dtype of mean and std")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: up to 8, one core left)")
+    p.add_argument("--text-encoder", default=None, help="local CLIP text model or T5 encoder folder (with its tokenizer): also cache caption embeddings")
+    p.add_argument("--text-length", type=int, default=None, help="caption tokens kept (default: the encoder's maximum, at most 120); longer captions are truncated")
+    p.add_argument("--allow-empty-captions", action="store_true", help="images without a caption get the empty caption instead of an error")
 
 
 def check_out(out: Path, plan: dict) -> dict | None:
@@ -45,10 +51,30 @@ def check_out(out: Path, plan: dict) -> dict | None:
         existing = json.loads((out / PLAN).read_text())
     except json.JSONDecodeError as e:
         raise UsageError(f"corrupt {out / PLAN}: {e}") from None
-    diff = [f"{k}={existing.get(k)!r} (there) vs {plan[k]!r} (now)" for k in plan_key(plan) if existing.get(k) != plan[k]]
+    diff = [f"{k}={existing.get(k)!r} (there) vs {plan.get(k)!r} (now)" for k in plan_key(plan) if existing.get(k) != plan.get(k)]
     if diff:
         raise UsageError(f"--out {out} holds another encoding ({'; '.join(diff)}); use another --out")
     return existing
+
+
+def text_plan(args, images):
+    """(encoder, plan entries, captions) with --text-encoder, else None; captions are read (and checked) first."""
+    from ddm.data.text_embeddings import captions_hash
+    from ddm.data.text_encoder import TextEncoder
+
+    if args.text_encoder is None:
+        if args.text_length is not None or args.allow_empty_captions:
+            raise UsageError("--text-length and --allow-empty-captions need --text-encoder")
+        return None
+    captions = images.captions(args.allow_empty_captions)
+    encoder = TextEncoder(args.text_encoder, args.text_length)
+    record = encoder.record()
+    return encoder, {"text_encoder": record, "text_encoder_hash": record["hash"], "captions_hash": captions_hash(captions)}, captions
+
+
+def text_rows(encoder, captions: list[str], dtype) -> dict[str, torch.Tensor]:
+    hidden, mask, pooled = encoder.encode(captions)
+    return {"hidden": hidden.to(dtype).cpu(), "mask": mask.to(torch.uint8).cpu(), "pooled": pooled.cpu()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.image_size % factor:
         raise UsageError(f"--image-size {args.image_size} is not divisible by the downsampling factor {factor} of VAE {args.vae}")
     images = ImageFolderDataset(args.data, args.image_size)
+    text = text_plan(args, images)
     latent_size = args.image_size // factor
     plan = {
         "format": FORMAT,
@@ -86,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "shard_size": args.shard_size,
         "latent_shape": [int(vae.config.latent_channels), latent_size, latent_size],
+        **(text[1] if text else {}),
     }
     out = Path(args.out)
     existing = check_out(out, plan)
@@ -100,26 +128,32 @@ def run(args: argparse.Namespace) -> int:
         leftover.unlink()
 
     per_image = 2 if args.flip else 1
+    dtype = DTYPES[args.dtype]
     todo = [s for s in range(num_shards(plan)) if shard_samples(out / shard_name(s)) != len(shard_images(plan, s)) * per_image]
+    if text:
+        encoder, _, captions = text
+        atomic_save_tensors(out / EMPTY, text_rows(encoder, [""], dtype))
     batches = [list(shard_images(plan, s))[i : i + args.batch_size] for s in todo for i in range(0, len(shard_images(plan, s)), args.batch_size)]
     workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if args.workers is None else args.workers
     loader = torch.utils.data.DataLoader(images, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda")
-    dtype = DTYPES[args.dtype]
     bar = tqdm(total=len(images), initial=len(images) - sum(len(b) for b in batches), desc="encode", unit="img", dynamic_ncols=True)
     done_in_shard: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     shards = iter(todo)
     shard = next(shards, None)
-    for x, labels, _ in loader:
+    for x, labels, idx in loader:
         if args.flip:  # image i, then its mirror image
             mean, std = encode_moments(vae, torch.cat([x, x.flip(-1)]))
             mean, std = (torch.stack(t.chunk(2), 1).flatten(0, 1) for t in (mean, std))
             labels = labels.repeat_interleave(2)
         else:
             mean, std = encode_moments(vae, x)
-        done_in_shard.append((mean.to(dtype).cpu(), std.to(dtype).cpu(), labels))
+        rows = text_rows(encoder, [captions[i] for i in idx.repeat_interleave(per_image).tolist()], dtype) if text else None
+        done_in_shard.append((mean.to(dtype).cpu(), std.to(dtype).cpu(), labels, rows))
         bar.update(len(x))
-        if sum(len(m) for m, _, _ in done_in_shard) == len(shard_images(plan, shard)) * per_image:
-            mean, std, labels = (torch.cat(t) for t in zip(*done_in_shard))
+        if sum(len(m) for m, _, _, _ in done_in_shard) == len(shard_images(plan, shard)) * per_image:
+            if text:  # before the latent shard, whose presence marks the shard done
+                atomic_save_tensors(out / text_shard_name(shard), {k: torch.cat([r[k] for *_, r in done_in_shard]) for k in ("hidden", "mask", "pooled")})
+            mean, std, labels = (torch.cat(t) for t in list(zip(*done_in_shard))[:3])
             atomic_save_tensors(out / shard_name(shard), {"mean": mean, "std": std, "labels": labels.to(torch.int64)})
             done_in_shard, shard = [], next(shards, None)
     bar.close()
@@ -127,8 +161,13 @@ def run(args: argparse.Namespace) -> int:
     shards_meta = [{"file": shard_name(s), "samples": len(shard_images(plan, s)) * per_image, "sha256": file_sha256(out / shard_name(s))}
                    for s in range(num_shards(plan))]
     index = {**plan, "shards": shards_meta, "num_samples": plan["num_images"] * per_image}
+    if text:
+        index["text"] = {"encoder": plan["text_encoder"], "captions_hash": plan["captions_hash"], "empty_sha256": file_sha256(out / EMPTY),
+                         "shards": [{"file": text_shard_name(s), "sha256": file_sha256(out / text_shard_name(s))} for s in range(num_shards(plan))]}
     index["fingerprint"] = cache_fingerprint(index)
     atomic_write_json(out / INDEX, index)  # last: marks the cache complete
+    if text:
+        print(f"embedded the captions with text encoder {args.text_encoder} ({plan['text_encoder']['hash']}, {plan['text_encoder']['max_length']} tokens)")
     print(f"encoded {plan['num_images']} images ({index['num_samples']} samples, latents {'x'.join(map(str, plan['latent_shape']))}) "
           f"with VAE {plan['vae_hash']} -> {out} (fingerprint {index['fingerprint']})")
     return 0

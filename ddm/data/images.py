@@ -44,6 +44,12 @@ class DigitsDataset(Dataset):
     def __getitem__(self, i):
         return self.images[i], int(self.labels[i]), i
 
+    def captions(self, allow_empty: bool = False) -> list[str]:
+        """Generated captions ("a handwritten seven", a few phrasings per class; ddm/data/captions.py)."""
+        from ddm.data.captions import digit_captions
+
+        return digit_captions(self.labels)
+
 
 class ImageFolderDataset(Dataset):
     """A directory of images; if it has sub-folders, each sub-folder is a class (sorted by name).
@@ -104,3 +110,9 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i):
         return self.load_image(i), int(self.labels[i]), i
+
+    def captions(self, allow_empty: bool = False) -> list[str]:
+        """One caption per image: sidecar .txt files or metadata.jsonl (ddm/data/captions.py)."""
+        from ddm.data.captions import folder_captions
+
+        return folder_captions(self.root, self.files, allow_empty)

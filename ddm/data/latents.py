@@ -5,6 +5,9 @@ Layout of a latent directory (written by `ddm encode`, ddm/data/encode.py):
                              flip, VAE record with its hash and factors, storage dtype, images per shard)
   shard-00000.safetensors    `mean`, `std` (n, C, h, w) of the model-space latent distribution, `labels` (n,) int64;
   ...                        each shard lands by rename, so a file with this name is always whole
+  text-00000.safetensors     with `--text-encoder`: `hidden` (n, L, D), `mask` (n, L) uint8, `pooled` (n, P) of the
+  ...                        samples' captions, written before the latent shard of the same number
+  text-empty.safetensors     the empty caption's row (the classifier-free guidance null condition)
   index.json                 written last, its presence marks a complete cache: the plan + every shard's sample
                              count and sha256 + the cache's fingerprint (what a partition manifest records)
 
@@ -28,9 +31,10 @@ from ddm import UsageError
 FORMAT = "ddm-latents/1"
 PLAN, INDEX = "plan.json", "index.json"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
-_NUMPY = {"F16": np.float16, "F32": np.float32, "I64": np.int64}
+_NUMPY = {"F16": np.float16, "F32": np.float32, "I64": np.int64, "U8": np.uint8}
 # Plan keys that decide the content: a rerun must agree on these to resume (paths may be spelled differently).
-PLAN_KEYS = ("format", "source_fingerprint", "image_size", "flip", "vae_hash", "dtype", "shard_size", "num_images")
+PLAN_KEYS = ("format", "source_fingerprint", "image_size", "flip", "vae_hash", "dtype", "shard_size", "num_images",
+             "text_encoder_hash", "captions_hash")
 
 
 def shard_name(i: int) -> str:
@@ -80,7 +84,8 @@ def file_sha256(path: Path) -> str:
 
 
 def cache_fingerprint(index: dict) -> str:
-    h = hashlib.sha256(json.dumps(plan_key(index), sort_keys=True).encode())
+    key = {k: v for k, v in plan_key(index).items() if v is not None}  # caches without text keep their fingerprint
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for shard in index["shards"]:
         h.update(shard["sha256"].encode())
     return h.hexdigest()[:16]
@@ -156,6 +161,26 @@ class LatentDataset(Dataset):
     def __getitem__(self, i):
         mean, std = self.rows([i])
         return mean[0], std[0], int(self.labels[i]), i
+
+    def text_table(self):
+        """The caption embeddings stored beside the latents (ddm/data/text_embeddings.py), checked against the index."""
+        from safetensors.torch import load_file
+
+        from ddm.data.text_embeddings import EMPTY, TextTable
+
+        text = self.index.get("text")
+        if not text:
+            raise UsageError(f"latent cache {self.root} holds no caption embeddings: encode it with `ddm encode --text-encoder DIR`")
+        parts = []
+        for entry in [*text["shards"], {"file": EMPTY, "sha256": text["empty_sha256"]}]:
+            path = self.root / entry["file"]
+            if not path.is_file() or file_sha256(path) != entry["sha256"]:
+                raise UsageError(f"latent cache {self.root}: {entry['file']} is missing or not the file the index lists")
+            parts.append(load_file(path))
+        rows, empty = parts[:-1], parts[-1]
+        hidden, mask, pooled = (torch.cat([p[k] for p in rows]) for k in ("hidden", "mask", "pooled"))
+        return TextTable(hidden, mask.bool(), pooled.float(), empty["hidden"], empty["mask"].bool(), empty["pooled"].float(),
+                         {**text["encoder"], "captions_hash": text["captions_hash"]})
 
     def subset(self, indices: torch.Tensor) -> "LatentSubset":
         return LatentSubset(self, indices)

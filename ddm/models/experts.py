@@ -4,7 +4,8 @@ An expert directory is what one island writes (and nothing else writes there):
   config.json + diffusion_pytorch_model.safetensors   EMA weights: `from_pretrained(dir)` gives the sampling model
   raw/config.json + raw/diffusion_pytorch_model.safetensors   the raw (non-EMA) weights
   expert.json        what the router and samplers need: model class, island, manifest and data fingerprints,
-                     flow (noise path) config, number of classes, label dropout; `files`: the SHA-256 of
+                     flow (noise path) config, number of classes (0 for text experts), label dropout, the
+                     conditioning ("class" or "text") and a text expert's text encoder record; `files`: the SHA-256 of
                      each file above, checked on every load
 The training state (optimizer, step, RNG, data position) and logs live beside these; see ddm/training/train.py.
 """
@@ -15,14 +16,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import DiTTransformer2DModel, WanTransformer3DModel
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, WanTransformer3DModel
 
 from ddm import UsageError
 
 EXPERT_FORMAT = "ddm-expert/1"
 # expert.json keys the loaders read, with their types (a hand-edited file gets a one-line error, not a traceback)
 META_TYPES = {"model_class": str, "k": int, "num_classes": int, "flow": dict, "files": dict}
-MODEL_CLASSES = {"DiTTransformer2DModel": DiTTransformer2DModel, "WanTransformer3DModel": WanTransformer3DModel}
+MODEL_CLASSES = {"DiTTransformer2DModel": DiTTransformer2DModel, "WanTransformer3DModel": WanTransformer3DModel,
+                 "PixArtTransformer2DModel": PixArtTransformer2DModel}
 
 # DiT sizes. Parameter counts at 8x8x1 input, patch 2: tiny ~0.1M, small ~1.9M. The DiT paper's sizes (S, B, L, XL:
 # layers x width 12x384, 12x768, 24x1024, 28x1152, 64-dim heads except XL's 72) come with their patch size in the name.
@@ -69,7 +71,40 @@ def build_dit(preset: str, sample_size: int, in_channels: int, num_classes: int,
     )
 
 
-def forward_flops(model: DiTTransformer2DModel, sample_shape: tuple[int, ...]) -> int:
+# PixArt's timestep embedding also takes resolution and aspect ratio; text experts are built without them.
+NO_EXTRA_CONDITIONS = {"resolution": None, "aspect_ratio": None}
+
+
+def build_text_expert(preset: str, sample_size: int, in_channels: int, caption_channels: int, patch_size: int | None = None) -> PixArtTransformer2DModel:
+    """A text-conditional expert: diffusers' PixArtTransformer2DModel (cross-attention to the caption's hidden states,
+    with its padding mask; adaLN-single timestep modulation), sized by the DiT presets: `DiT-XL/2` is PixArt-α's
+    XL/2 (28 layers x 1152, 611M parameters with T5 captions). Why PixArt: docs/ddm.md."""
+    patch_size = preset_patch_size(preset, patch_size)
+    if patch_size <= 0 or sample_size % patch_size:
+        raise UsageError(f"image size {sample_size} is not divisible by the patch size {patch_size}")
+    dims = {k: v for k, v in DIT_PRESETS[preset].items() if k != "patch_size"}
+    return PixArtTransformer2DModel(
+        **dims,
+        in_channels=in_channels,
+        out_channels=in_channels,  # plain velocity prediction, no learned variance
+        sample_size=sample_size,
+        patch_size=patch_size,
+        caption_channels=caption_channels,
+        cross_attention_dim=dims["num_attention_heads"] * dims["attention_head_dim"],
+        use_additional_conditions=False,  # no resolution / aspect-ratio embedding: one fixed size
+    )
+
+
+def dummy_condition(model, batch: int, device=None, text_length: int = 16) -> dict:
+    """Keyword arguments of a placeholder condition for `model`'s forward (FLOP counts, benchmarks)."""
+    if isinstance(model, PixArtTransformer2DModel):
+        return {"encoder_hidden_states": torch.zeros(batch, text_length, model.config.caption_channels, device=device),
+                "encoder_attention_mask": torch.ones(batch, text_length, device=device),
+                "added_cond_kwargs": NO_EXTRA_CONDITIONS}
+    return {"class_labels": torch.zeros(batch, dtype=torch.long, device=device)}
+
+
+def forward_flops(model: DiTTransformer2DModel, sample_shape: tuple[int, ...], text_length: int = 16) -> int:
     """FLOPs (2 per multiply-add; the DiT paper's "Gflops" count multiply-adds, half of this) of one sample's
     forward, counted by torch's FlopCounterMode on a meta-device twin, so no memory or time goes to real weights."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -79,7 +114,7 @@ def forward_flops(model: DiTTransformer2DModel, sample_shape: tuple[int, ...]) -
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         meta(torch.zeros(1, *sample_shape, device="meta"), timestep=torch.zeros(1, device="meta"),
-             class_labels=torch.zeros(1, dtype=torch.long, device="meta"))
+             **dummy_condition(meta, 1, "meta", text_length))
     return counter.get_total_flops()
 
 

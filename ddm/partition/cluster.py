@@ -28,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help="'digits' (embedded), a latent directory (ddm encode) or an image folder")
     p.add_argument("--k", type=int, required=True, help="number of islands")
     p.add_argument("--out", required=True, help="manifest folder: new, empty, or a manifest ddm wrote (replaced)")
-    p.add_argument("--features", default="pixels-pca", help="extractor name (pixels-pca, pixels, latents-pca) or a local transformers checkpoint (DINOv2, CLIP)")
+    p.add_argument("--features", default="pixels-pca", help="extractor name (pixels-pca, pixels, latents-pca, text: caption embeddings) or a local transformers checkpoint (DINOv2, CLIP)")
+    p.add_argument("--text-encoder", default=None, help="with --features text: local CLIP text / T5 encoder folder (default: the latent cache's; the embedded one for digits)")
+    p.add_argument("--allow-empty-captions", action="store_true", help="with --features text: images without a caption get the empty caption")
     p.add_argument("--image-size", type=int, default=None, help="resize + center-crop size for an image folder")
     method = p.add_mutually_exclusive_group()
     method.add_argument("--balanced", action="store_true", help="roughly equal island sizes (fine-to-coarse k-means)")
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     check_supported(args.features, dataset)
 
     with output_lock(out):
-        features, extractor = extract_features(args.features, dataset)
+        features, extractor = extract_features(args.features, dataset, args.text_encoder, args.allow_empty_captions)
         if args.random:
             method, assignments = "random", random_partition(n, args.k, args.seed)
         elif args.balanced:

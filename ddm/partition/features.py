@@ -11,6 +11,9 @@
   `pooler_output`, else the CLS token of `last_hidden_state`), as in the DDM paper's DINOv2 features.
 - `latents-pca`: for a latent cache, its latent means standardized and projected on 32 principal components
   (fitted on at most 20,000 seeded samples, then applied in batches, so ImageNet-size caches fit in memory).
+- `text`: the captions' pooled text embeddings (ddm/data/text_embeddings.py), L2-normalised so k-means compares
+  them by angle as CLIP does: from a latent cache encoded with `--text-encoder`, else encoded now with
+  `--text-encoder` (the digits default to the embedded encoder).
 On a latent cache, `pixels`, `pixels-pca` and checkpoints read the source images the latents were encoded from
 (mirrored where the cache holds a mirror image).
 """
@@ -75,7 +78,15 @@ def clip_params(dataset) -> np.ndarray:
     return dataset.features().numpy()
 
 
-EXTRACTORS: dict[str, Callable] = {"pixels-pca": pixels_pca, "pixels": pixels, "clip-params": clip_params, "latents-pca": latents_pca}
+def text_features(dataset, text_encoder=None, allow_empty: bool = False) -> tuple[np.ndarray, str]:
+    from ddm.data.text_embeddings import caption_table
+
+    table = caption_table(dataset, text_encoder, allow_empty)
+    pooled = torch.nn.functional.normalize(table.pooled.float(), dim=1)
+    return pooled.numpy(), f"text:{table.record['kind']}:{table.record['hash']}"
+
+
+EXTRACTORS: dict[str, Callable] = {"text": text_features, "pixels-pca": pixels_pca, "pixels": pixels, "clip-params": clip_params, "latents-pca": latents_pca}
 
 
 def _checkpoint_id(path: Path, model_type: str) -> str:
@@ -141,8 +152,12 @@ def check_supported(spec: str, dataset) -> None:
         raise UsageError(f"--features clip-params needs moving-digit clips (--data moving-digits:...), not {getattr(dataset, 'name', 'this data')}")
 
 
-def extract_features(spec: str, dataset) -> tuple[np.ndarray, str]:
+def extract_features(spec: str, dataset, text_encoder=None, allow_empty_captions: bool = False) -> tuple[np.ndarray, str]:
     check_spec(spec)
+    if spec == "text":
+        return text_features(dataset, text_encoder, allow_empty_captions)
+    if text_encoder is not None:
+        raise UsageError(f"--text-encoder goes with --features text, not --features {spec}")
     if spec == "latents-pca":
         return latents_pca(dataset), spec
     if hasattr(dataset, "source_images"):  # a latent cache: pixel features come from its images

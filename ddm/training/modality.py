@@ -21,7 +21,7 @@ Contract (all tensors on the trainer's device unless said otherwise):
   whole batch from `__getitems__` (the trainer then collates nothing); any other is taken to decode per item and
   gets loader worker processes by default on a GPU.
 - `training_pair(batch, device, sample_normal)`: (x0, cond) for one micro-batch; `cond` is a tensor with batch
-  first. `sample_normal(shape)` gives this micro-batch's rows of a standard normal draw for the whole global batch
+  first, or a tuple of such tensors (the text modality's caption states and mask). `sample_normal(shape)` gives this micro-batch's rows of a standard normal draw for the whole global batch
   (seeded by the step, the same whatever the process count): for any sampling the modality does (e.g. a latent
   drawn from its stored mean and std).
 - `drop_condition(cond, drop)`: `cond` with the samples where the bool mask `drop` is True replaced by the
@@ -43,7 +43,8 @@ from torch.utils.data import Dataset
 
 from ddm import UsageError
 
-MODALITIES = {"image": "ddm.training.modality:ImageModality", "video": "ddm.training.video_modality:VideoModality"}
+MODALITIES = {"image": "ddm.training.modality:ImageModality", "video": "ddm.training.video_modality:VideoModality",
+              "text": "ddm.training.text_modality:TextModality"}
 
 
 def get_modality(name: str) -> type["Modality"]:

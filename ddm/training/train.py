@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--island", required=True, help="island index 0..K-1, or 'all' for the monolith")
     p.add_argument("--out", required=True, help="expert folder, the only place this run writes: new, empty, or an expert ddm wrote (resumed)")
     p.add_argument("--modality", default="image", help=f"one of {', '.join(MODALITIES)}")
-    p.add_argument("--preset", default="small", help="model size: tiny, small, base, or DiT-S|B|L|XL/2|4|8 (the DiT paper's)")
+    p.add_argument("--preset", default="small", help="model size: tiny, small, base, or DiT-S|B|L|XL/2|4|8 (the DiT paper's; for --modality text DiT-XL/2 is PixArt-α's 611M XL/2)")
     p.add_argument("--steps", type=int, default=2000, help="total optimizer steps (may be raised on resume)")
     p.add_argument("--batch-size", type=int, default=64, help="GLOBAL batch per optimizer step, over all processes and accumulation steps")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-schedule", default="constant", choices=list(LR_SCHEDULES), help="after the warmup (cosine: to 0 at --steps)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the EMA weights that sampling uses")
-    p.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null label (classifier-free guidance)")
+    p.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null label, or of the empty caption for --modality text (classifier-free guidance)")
     p.add_argument("--flow-shift", type=float, default=1.0, help="SD3 shift of the training sigmas")
     p.add_argument("--sigma-sampling", default="logit_normal", choices=["logit_normal", "uniform"], help="distribution of the training sigmas")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"], help="auto: bf16 on a GPU that has it, else no")
@@ -199,6 +199,8 @@ def train_under_lock(args: argparse.Namespace) -> int:
     if len(indices) == 0:
         raise UsageError(f"island {island} of {args.manifest} has no samples")
     modality_cls = get_modality(args.modality)
+    if args.modality != "text" and (args.text_encoder or args.allow_empty_captions):
+        raise UsageError(f"--text-encoder / --allow-empty-captions go with --modality text, not --modality {args.modality}")
     if args.tensorboard:
         import importlib.util
 
@@ -351,15 +353,15 @@ def make_loader(dataset, sampler: StreamSampler, workers: int | None, device: to
 
 def describe(net, preset: str, show: bool) -> tuple[int, int | None]:
     """Parameter count and forward FLOPs per sample (DiT experts), printed by the main process."""
-    from diffusers import DiTTransformer2DModel
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
     from ddm.models.experts import forward_flops
 
     count = sum(p.numel() for p in net.parameters())
     flops = None
-    if isinstance(net.denoiser, DiTTransformer2DModel):
+    if isinstance(net.denoiser, (DiTTransformer2DModel, PixArtTransformer2DModel)):
         c = net.denoiser.config
-        flops = forward_flops(net.denoiser, (c.in_channels, c.sample_size, c.sample_size))
+        flops = forward_flops(net.denoiser, (c.in_channels, c.sample_size, c.sample_size), getattr(net, "text_length", 16))
     if show:
         print(f"model {preset}: {count / 1e6:.2f}M parameters" + (f", {flops / 1e9:.3f} forward GFLOPs per sample" if flops else ""))
     return count, flops
