@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import threading
 import uuid
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 import torch
-from matplotlib.figure import Figure
-from PIL import Image, ImageDraw, ImageFont
 
 from ddm import UsageError
+from ddm.io import recorded_folder
 from ddm.models.experts import read_expert_meta
+from frontends.app_figures import (cluster_sizes_plot, labelled_tile, read_metrics, routing_plot, tile_grid,
+                                   training_curves_plot)
 
 APP_DIR = Path(__file__).resolve().parent
 # A user's mistake: shown in the UI, not logged as a server traceback.
@@ -31,7 +30,6 @@ MAX_IMAGES = 16
 MAX_SECONDS = 600
 MAX_PIXELS = 1280
 MAX_WORKERS = max(1, os.cpu_count() or 1)
-TILE_BAR = 26  # pixels of a gallery tile's label bar (and of the strip below left for the gallery's caption)
 
 
 class AllowedRoots:
@@ -122,15 +120,19 @@ def ensemble_parts(path: Path) -> list[str]:
         return []  # not an ensemble: load_pipeline says so
 
 
-def recorded_text_encoder(path: Path) -> Path | None:
-    """The text encoder folder that an ensemble directory's (not a pipeline folder's) text experts load, if any."""
+def recorded_folders(path: Path) -> dict[str, Path]:
+    """The folders outside an ensemble or expert directory that loading it reads, as its experts' expert.json
+    records them ("text encoder", "VAE"): the loaders' own rule (ddm.io.recorded_folder) picks which path."""
     try:
-        spec = json.loads((path / "ensemble.json").read_text())
-        meta = read_expert_meta(path / spec["experts"][0])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, IndexError, UsageError):
-        return None
-    record = meta.get("text_encoder")
-    return Path(record["abspath"]) if record else None
+        if (path / "ensemble.json").is_file():
+            experts = [path / e for e in json.loads((path / "ensemble.json").read_text())["experts"]]
+        else:
+            experts = [path] if (path / "expert.json").is_file() else []
+        metas = {expert.name: read_expert_meta(expert) for expert in experts}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, UsageError):
+        return {}  # not loadable: load_pipeline says why
+    return {f"{what} of {name}": recorded_folder(meta[key])
+            for name, meta in metas.items() for key, what in (("text_encoder", "text encoder"), ("vae", "VAE")) if meta.get(key)}
 
 
 def is_text_ensemble(path: Path) -> bool:
@@ -140,7 +142,7 @@ def is_text_ensemble(path: Path) -> bool:
             return json.loads((path / "model_index.json").read_text()).get("_class_name") == "TextDDMPipeline"
     except (OSError, json.JSONDecodeError):
         return False
-    return recorded_text_encoder(path) is not None
+    return (path / "ensemble.json").is_file() and any(name.startswith("text encoder") for name in recorded_folders(path))
 
 
 def class_labels(choice: str | None, count: int, num_classes: int, seed: int) -> torch.Tensor:
@@ -151,108 +153,6 @@ def class_labels(choice: str | None, count: int, num_classes: int, seed: int) ->
     if not choice.isdigit() or int(choice) >= num_classes:
         raise UserError(f"Class must be 'random' or a number in 0..{num_classes - 1}, got {choice!r}.")
     return torch.full((count,), int(choice))
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """A CxHxW image in [-1, 1] → PIL (L for one channel, RGB for three)."""
-    array = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-
-
-def tile_grid(images: torch.Tensor) -> Image.Image:
-    """N×C×H×W in [-1, 1] → one near-square PIL grid of them, 1-pixel gaps."""
-    n, c, h, w = images.shape
-    columns = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
-    grid = torch.full((c, rows * (h + 1) - 1, columns * (w + 1) - 1), -1.0)
-    for i, image in enumerate(images):
-        top, left = (i // columns) * (h + 1), (i % columns) * (w + 1)
-        grid[:, top : top + h, left : left + w] = image
-    return to_pil(grid)
-
-
-def labelled_tile(image: Image.Image, label: str, expert: int | None) -> Image.Image:
-    """A sample enlarged (nearest neighbour) to ~160 px, framed in its expert's plot colour, with `label` in a bar
-    above it and an empty strip below where the gallery lays its caption: the label stays readable at any
-    gallery size, where a caption may be cut off."""
-    from matplotlib.colors import to_rgb
-
-    scale = max(1, 160 // max(image.size))
-    big = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
-    color = tuple(round(255 * c) for c in to_rgb(f"C{expert % 10}")) if expert is not None else (90, 90, 90)
-    border, bar = 4, TILE_BAR
-    tile = Image.new("RGB", (big.width + 2 * border, big.height + 2 * border + 2 * bar), color)
-    tile.paste(big, (border, bar + border))
-    draw = ImageDraw.Draw(tile)
-    draw.text((tile.width / 2, bar / 2 + 2), label, fill="white", anchor="mm", font=ImageFont.load_default(size=16))
-    return tile
-
-
-def read_metrics(path: Path) -> tuple[list[int], list[float]]:
-    """(steps, losses) from a metrics.jsonl; lines without both, or cut short by a running trainer, are left out."""
-    steps, losses = [], []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            step, loss = int(record["step"]), float(record["loss"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue
-        steps.append(step)
-        losses.append(loss)
-    return steps, losses
-
-
-def cluster_sizes_plot(sizes: list[int]) -> Figure:
-    fig = Figure(figsize=(5, 3), layout="constrained")
-    ax = fig.subplots()
-    bars = ax.bar([f"island {k}" for k in range(len(sizes))], sizes, color="tab:blue")
-    ax.bar_label(bars)
-    ax.set_ylabel("samples")
-    ax.set_title(f"cluster sizes ({sum(sizes)} samples)")
-    return fig
-
-
-def routing_plot(weights: torch.Tensor, islands: list[int]) -> Figure:
-    """weights (steps, samples, K): one small stacked plot per sample, showing which expert drew it at each step."""
-    steps, samples, k = weights.shape
-    columns = min(samples, 4)
-    rows = -(-samples // columns)
-    fig = Figure(figsize=(2.2 * columns + 1.6, 1.7 * rows + 0.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)).ravel()
-    colors = [f"C{i % 10}" for i in range(k)]
-    x = np.arange(1, steps + 1)
-    for i, ax in enumerate(axes):
-        if i >= samples:
-            ax.set_visible(False)
-            continue
-        labels = [f"expert {j}" for j in range(k)]
-        ax.stackplot(x, weights[:, i, :].T.numpy(), colors=colors, labels=labels, step="mid")  # one value per step
-        ax.set_title(f"sample {i}", fontsize=8)
-        ax.set_ylim(0, 1)
-        ax.tick_params(labelsize=7)
-    fig.supxlabel("sampling step", fontsize=8)
-    fig.supylabel("routing weight", fontsize=8)
-    missing = sorted(set(range(k)) - set(islands))
-    fig.suptitle("routing weights per expert" + (f" (missing experts: {missing})" if missing else ""), fontsize=9)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
-    return fig
-
-
-def training_curves_plot(curves: dict[str, tuple[list[int], list[float]]]) -> Figure:
-    fig = Figure(figsize=(6, 3.5), layout="constrained")
-    ax = fig.subplots()
-    for name, (steps, losses) in curves.items():
-        ax.plot(steps, losses, label=name, linewidth=1.2, linestyle="--" if name == "monolith" else "-")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.set_title("training loss per island (metrics.jsonl)")
-    if curves:
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no metrics.jsonl found", ha="center", va="center", transform=ax.transAxes)
-    return fig
 
 
 class Actions:
@@ -325,14 +225,14 @@ class Actions:
         except gr.Error:
             return False
 
-    def check_text_encoder(self, ensemble_path: Path) -> None:
-        """An ensemble directory's text experts load their encoder from its recorded folder: it must be allowed too
-        (the shipped digit encoder is part of the app)."""
+    def check_recorded_folders(self, path: Path) -> None:
+        """Experts load their text encoder and VAE from the folders their expert.json records: those must be allowed
+        too (the shipped digit encoder is part of the app)."""
         from ddm.data.text_encoder import DIGIT_ENCODER
 
-        folder = recorded_text_encoder(ensemble_path)
-        if folder is not None and folder.resolve() != DIGIT_ENCODER:
-            self.roots.dir(str(folder), "The experts' text encoder")
+        for name, folder in recorded_folders(path).items():
+            if folder.resolve() != DIGIT_ENCODER:
+                self.roots.dir(str(folder), f"The experts' {name}")
 
     @friendly
     def generate_images(
@@ -347,10 +247,10 @@ class Actions:
         ensemble_path = self.roots.dir(ensemble_dir, "Ensemble directory")
         for part in ensemble_parts(ensemble_path):  # ensemble.json names the folders it loads: roots only
             self.roots.dir(str(ensemble_path / part), "The ensemble's part")
-        self.check_text_encoder(ensemble_path)
+        self.check_recorded_folders(ensemble_path)
         monolith_path = self.roots.dir(monolith_dir, "Monolith directory") if compare else None
         if monolith_path is not None:
-            self.check_text_encoder(monolith_path)
+            self.check_recorded_folders(monolith_path)
         steps = int_in_range(steps, "Steps", 1, MAX_STEPS)
         cfg = float_in_range(cfg, "CFG scale", 1.0, 20.0)
         seed = int_in_range(seed, "Seed", 0, 2**31 - 1)
@@ -431,6 +331,7 @@ class Actions:
             )
         samples = []
         for expert_dir in expert_dirs:
+            self.check_recorded_folders(expert_dir)
             pipe = load_pipeline(expert_dir)
             labels = class_labels(class_label, 1, pipe.transformer.config.num_embeds_ada_norm, seed)
             image = pipe(

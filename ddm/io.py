@@ -356,3 +356,9 @@ def load_pretrained(cls, path: Path, what: str, **kwargs):
     except (OSError, SafetensorError, ValueError, TypeError, KeyError, RuntimeError, json.JSONDecodeError) as e:
         where = Path(path) / kwargs.get("subfolder", "")
         raise UsageError(f"cannot load {what} from {where}: {first_line(e)}") from None
+
+
+def recorded_folder(record: dict) -> Path:
+    """The folder an expert.json record (VAE, text encoder) names: its path as given where that is a folder (a copied
+    project), else the absolute path it had when recorded."""
+    return Path(record["path"]) if Path(record["path"]).is_dir() else Path(record["abspath"])

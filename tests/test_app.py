@@ -280,3 +280,25 @@ def test_browser_generates_and_screenshots_every_tab(served):
         browser.close()
     for name in ("app-images.png", "app-video.png", "app-islands.png"):
         assert png(ARTIFACTS / name).size[0] >= 1280
+
+
+def test_an_expert_recording_a_vae_outside_the_roots_is_refused_before_loading(tmp_path):
+    import gradio as gr
+
+    from app_actions import Actions, AllowedRoots
+    from ddm.models.experts import EXPERT_FORMAT
+
+    outside, allowed = tmp_path / "elsewhere" / "vae", tmp_path / "allowed"
+    outside.mkdir(parents=True)
+    record = {"path": str(outside), "abspath": str(outside), "hash": "0" * 64}
+    for name in ("router", "island-0"):
+        (allowed / "ens" / name).mkdir(parents=True)
+    (allowed / "ens" / "island-0" / "expert.json").write_text(json.dumps(
+        {"format": EXPERT_FORMAT, "model_class": "DiTTransformer2DModel", "island": 0, "vae": record}))
+    (allowed / "ens" / "ensemble.json").write_text(json.dumps({"router": "router", "experts": ["island-0"]}))
+    actions = Actions(AllowedRoots([allowed]), tmp_path / "scratch")
+    common = dict(strategy="top1", steps=2, cfg=1.0, seed=0, class_label="random", count=1, compare=False, monolith_dir="")
+    with pytest.raises(gr.Error, match="The experts' VAE of island-0 .*outside the folders this app may read"):
+        actions.generate_images(ensemble_dir=str(allowed / "ens"), **common)
+    with pytest.raises(gr.Error, match="The experts' VAE of island-0 .*outside the folders this app may read"):
+        actions.expert_samples(str(allowed / "ens"), 2, 0, "random")

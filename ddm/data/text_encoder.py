@@ -17,13 +17,13 @@ The folder holds the model (config.json + safetensors) and its tokenizer; for a 
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from ddm import UsageError
+from ddm.io import recorded_folder
 
 DEFAULT_MAX_TOKENS = 120
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "spiece.model", "special_tokens_map.json")
@@ -157,7 +157,7 @@ class TextEncoder:
 def load_recorded_encoder(record: dict, device=None, path: str | Path | None = None) -> TextEncoder:
     """The encoder a record names (or `path`), refused if its hash or sizes are not the recorded ones."""
     if path is None:
-        path = record["path"] if Path(record["path"]).is_dir() else record["abspath"]
+        path = recorded_folder(record)
     encoder = TextEncoder(path, record["max_length"], device)
     if encoder.hidden_size != record["hidden_size"]:
         raise UsageError(f"text encoder {path} has hidden size {encoder.hidden_size}, the experts take {record['hidden_size']}")

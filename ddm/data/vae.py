@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ddm import UsageError
+from ddm.io import recorded_folder
 
 
 def check_vae_dir(path: str | Path) -> Path:
@@ -93,8 +94,7 @@ def vae_record(path: str | Path, vae) -> dict:
 
 def load_recorded_vae(record: dict, device=None):
     """The VAE a record names (its path as given, else its absolute path), refused if its hash changed."""
-    path = record["path"] if Path(record["path"]).is_dir() else record["abspath"]
-    return load_vae(path, device, expected_hash=record["hash"])
+    return load_vae(recorded_folder(record), device, expected_hash=record["hash"])
 
 
 @torch.inference_mode()
