@@ -19,11 +19,12 @@ the commands that made it, and how long they took).
 
 Re-running reuses finished stages: an existing manifest with the same settings is kept, and an expert whose
 training completed is not retrained (an interrupted one resumes from its checkpoint).
-DEMO_FAST=1 shrinks everything (tiny models, few steps) to well under a minute, in outputs/demo-fast.
-DEMO_OUT=DIR writes somewhere else (the tests use it).
+--fast (or DEMO_FAST=1) shrinks everything (tiny models, few steps), in outputs/demo-fast.
+--out DIR (or DEMO_OUT=DIR) writes somewhere else (the tests use it).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -35,14 +36,30 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ddm import run_reporting_usage_errors
-from frontends.cli import main as ddm  # noqa: E402
+from frontends.cli import HelpFormatter, main as ddm  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from frontends.demo_page import stage_page  # noqa: E402
 
-FAST = os.environ.get("DEMO_FAST") == "1"
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The stage list as written, and every flag's default."""
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p.add_argument("--fast", action="store_true", default=os.environ.get("DEMO_FAST") == "1",
+                   help="tiny models and few steps (also DEMO_FAST=1)")
+    p.add_argument("--out", type=Path, default=os.environ.get("DEMO_OUT"),
+                   help="output folder, also DEMO_OUT (default: outputs/demo, or outputs/demo-fast with --fast)")
+    return p.parse_args()
+
+
+ARGS = parse_args()  # at import: the settings below depend on it, and nothing imports this script
+FAST = ARGS.fast
 SETTINGS = {
-    "out": Path(os.environ.get("DEMO_OUT") or REPO / "outputs" / ("demo-fast" if FAST else "demo")),
+    "out": Path(ARGS.out or REPO / "outputs" / ("demo-fast" if FAST else "demo")),
     "k": 4,
     "seed": 0,
     "preset": "tiny" if FAST else "small",

@@ -39,7 +39,7 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"ddm {ddm.__version__}"
 
 
-SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.py") if p.name != "demo.py") + [ROOT / "app.py"]
+SCRIPTS = sorted((ROOT / "scripts").glob("*.py")) + [ROOT / "app.py"]
 
 
 def flags_without_help(help_text: str) -> list[str]:
