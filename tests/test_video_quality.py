@@ -24,3 +24,20 @@ def test_eight_second_video_shows_the_prompted_digit_without_seams(tmp_path, pro
     assert (r["block"], r["first_block"]) == (5, 8)
     assert r["fidelity"] >= 0.8, r
     assert r["seam"] <= 1.5, r
+
+
+def test_the_benchmark_times_frames_at_the_settings_the_model_carries(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "scripts/bench_video_model.py", "--seconds", "1", "--ranks", "1", "--rounds", "2",
+                          "--json", str(out)], cwd=QUICK_MODEL.parents[3], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    carried = json.loads((QUICK_MODEL / "video_settings.json").read_text())
+    assert figures["settings"]["steps"] == carried["steps"] and figures["settings"]["height"] == carried["size"]
+    (row,) = figures["results"]
+    assert row["ranks"] == 1 and row["frames"] == carried["fps"] and len(row["rounds"]) == 2
+    assert 0 < row["denoise_ms_per_frame"] <= row["render_ms_per_frame"]
+    assert f"{row['denoise_ms_per_frame']:.2f}" in run.stdout
