@@ -24,7 +24,10 @@ def test_fast_demo_builds_the_page(tmp_path):
     frames = sum(1 for _ in iio.imiter(out / "video.mp4"))
     record = json.loads((out / "video.json").read_text())
     assert frames == record["frames_written"] == 4 * record["settings"]["fps"] and record["ranks"] == 2
-    assert "motion score" in page and f"{json.loads((out / 'video-scores.json').read_text())['results'][0]['motion']:.3f}" in page
+    scores = json.loads((out / "video-scores.json").read_text())["results"][0]
+    assert "motion score" in page and f"{scores['motion']:.3f}" in page and len(scores["motion_curve"]) == 10
+    assert f"first tenth {scores['motion_first10']:.2f}, last {scores['motion_last10']:.2f}" in page
+    assert 'src="motion.png"' in page and "frame strips" in page.lower()
     text = out / "text"  # the text-to-image stage: prompted grid, ensemble beside monolith
     assert "text/grid.png" in page and (text / "grid.png").stat().st_size > 0 and (text / "ensemble" / "model_index.json").is_file()
     for tag in ("ensemble", "monolith"):

@@ -212,3 +212,34 @@ def test_cosine_schedule_resumes_exactly_and_pins_its_length(digits_manifest, tm
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "resumed"), "--steps", "8"]) == 2
     assert "steps=6 (checkpoint) vs 8 (now)" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_lr_schedules_resumes_on_the_constant_schedule(digits_manifest, tmp_path, monkeypatch):
+    """A state.json written before --lr-schedule existed has neither config["lr_schedule"] nor a scheduler state:
+    it resumes (the constant schedule was the only one) and ends where an uninterrupted run ends."""
+    from ddm.io import OWNER_FILE
+    from ddm.training.trainer import IslandTrainer
+
+    argv = ["train", "--manifest", str(digits_manifest), "--island", "0", *TINY, "--steps", "6", "--warmup-steps", "2"]
+    assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
+    plain_update = IslandTrainer.update_ema
+
+    def crash_at_step_3(self, step):
+        if step == 3:
+            raise RuntimeError("killed")
+        plain_update(self, step)
+
+    monkeypatch.setattr(IslandTrainer, "update_ema", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        main([*argv, "--out", str(tmp_path / "old")])
+    monkeypatch.setattr(IslandTrainer, "update_ema", plain_update)
+    state = tmp_path / "old" / "state"
+    meta = json.loads((state / "state.json").read_text())
+    del meta["config"]["lr_schedule"], meta["scheduler"]
+    (state / "state.json").write_text(json.dumps(meta))
+    (state / OWNER_FILE).unlink()  # such states had no mark with checksums either
+    assert main([*argv, "--out", str(tmp_path / "old")]) == 0
+    for f in ("state/model.safetensors", "state/optimizer.safetensors"):
+        a, b = load_file(tmp_path / "straight" / f), load_file(tmp_path / "old" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    assert json.loads((tmp_path / "old" / "state" / "state.json").read_text())["config"]["lr_schedule"] == "constant"

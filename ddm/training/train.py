@@ -254,6 +254,7 @@ def train_under_lock(args: argparse.Namespace) -> int:
     }))
     if state_path is not None:
         saved = read_state_meta(state_path)["config"]
+        saved.setdefault("lr_schedule", "constant")  # the one schedule before --lr-schedule existed
         if saved.get("batch_size") != args.batch_size:
             raise UsageError(f"--batch-size {args.batch_size} would change the data order of {state_path} (trained with global batch {saved.get('batch_size')})")
         diff = config_difference(saved, config)
@@ -304,7 +305,8 @@ def train_under_lock(args: argparse.Namespace) -> int:
             optimizer.load_state_dict(state["optimizer"])
         if accelerator.scaler is not None and state["scaler"]:
             accelerator.scaler.load_state_dict(state["scaler"])
-        scheduler.load_state_dict(state["scheduler"])
+        # a checkpoint from before --lr-schedule has no scheduler state: its constant schedule resumes at its step
+        scheduler.load_state_dict(state.get("scheduler") or {**scheduler.state_dict(), "last_epoch": start_step, "_step_count": start_step + 1})
         if state["rng"] is not None:
             restore_rng(state["rng"])
     if args.tensorboard:
