@@ -19,8 +19,8 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from ddm import UsageError
-from ddm.io import replacing_dir, verify_owned
-from router.output import OUTPUT_TYPES, finish
+from ddm.io import verify_owned
+from router.output import OUTPUT_TYPES, finish, guided_euler, save_whole
 from router.strategies import DEFAULT_GUIDANCE_ROUTING, check_guidance_routing
 
 
@@ -70,22 +70,11 @@ class DDMPipeline(DiffusionPipeline):
         labels = labels.to(device)
         if use_cfg:  # cond rows first, then the null-label rows
             labels = torch.cat([labels, torch.full_like(labels, num_classes)])
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([latents, latents]) if use_cfg else latents
-            velocity = self.transformer(model_input, timestep=t.expand(model_input.shape[0]), class_labels=labels).sample
-            if use_cfg:
-                cond, uncond = velocity.chunk(2)
-                velocity = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(velocity, t, latents).prev_sample
+        latents = guided_euler(self, latents, num_inference_steps, guidance_scale, class_labels=labels)
         return finish(self, latents, output_type, return_dict)
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs) -> None:
-        """The diffusers folder, written whole or not at all (staged beside it, then swapped in)."""
-        if not safe_serialization:
-            raise UsageError("pipelines are saved as safetensors only")
-        with replacing_dir(Path(save_directory), "pipeline", "the pipeline folder") as staging:
-            super().save_pretrained(staging, safe_serialization=True, **kwargs)
+        save_whole(self, save_directory, safe_serialization, **kwargs)
 
 
 def make_pipeline(transformer, flow_shift: float = 1.0, vae=None) -> DDMPipeline:
@@ -155,13 +144,7 @@ def load_pipeline(path, strategy: str | None = None, device=None, dtype=None, de
             pipe = DDMPipeline.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise UsageError(f"cannot load the pipeline in {path}: {str(e).splitlines()[0]}") from None
-        pipe.set_progress_bar_config(disable=True)
-        if isinstance(pipe.transformer, DDMEnsemble):
-            if strategy:
-                pipe.transformer.set_strategy(strategy)
-        elif strategy:
-            raise UsageError(f"--strategy {strategy} needs an ensemble; {path} holds a single expert")
-        return pipe.to(device) if device is not None else pipe
+        return loaded_folder(pipe, path, strategy, device, device_map)
     if (path / DDMEnsemble.config_name).is_file():
         ensemble = DDMEnsemble.from_pretrained(path, strategy=strategy, device=device, torch_dtype=dtype, device_map=device_map)
         return pipeline_for(ensemble, ensemble.metas[0], ensemble.router.device, text_encoder)
@@ -185,6 +168,14 @@ def load_text_folder(path: Path, strategy, device, dtype, device_map):
         pipe = TextDDMPipeline.from_pretrained(path, torch_dtype=dtype, use_safetensors=True, **parts)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise UsageError(f"cannot load the pipeline in {path}: {str(e).splitlines()[0]}") from None
+    return loaded_folder(pipe, path, strategy, device, device_map)
+
+
+def loaded_folder(pipe, path: Path, strategy, device, device_map):
+    """A pipeline just read from a folder, made ready: quiet, on `strategy` (an ensemble only), on `device` (unless
+    `device_map` placed its experts)."""
+    from router.ensemble import DDMEnsemble
+
     pipe.set_progress_bar_config(disable=True)
     if isinstance(pipe.transformer, DDMEnsemble):
         if strategy:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import time
-from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
@@ -24,9 +23,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ddm import UsageError
 from ddm.data.text_encoder import encode_with
-from ddm.io import replacing_dir
 from ddm.models.experts import NO_EXTRA_CONDITIONS
-from router.output import OUTPUT_TYPES, finish
+from router.output import OUTPUT_TYPES, finish, guided_euler, save_whole
 from router.strategies import DEFAULT_GUIDANCE_ROUTING, check_guidance_routing
 
 
@@ -96,22 +94,11 @@ class TextDDMPipeline(DiffusionPipeline):
                 "added_cond_kwargs": NO_EXTRA_CONDITIONS}
         if "pooled_projections" in inspect.signature(self.transformer.forward).parameters:
             cond["pooled_projections"] = pooled.to(device, dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([latents, latents]) if use_cfg else latents
-            velocity = self.transformer(model_input, timestep=t.expand(model_input.shape[0]), **cond).sample
-            if use_cfg:
-                positive, negative = velocity.chunk(2)
-                velocity = negative + guidance_scale * (positive - negative)
-            latents = self.scheduler.step(velocity, t, latents).prev_sample
+        latents = guided_euler(self, latents, num_inference_steps, guidance_scale, **cond)
         return finish(self, latents, output_type, return_dict)
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs) -> None:
-        """The diffusers folder, written whole or not at all (staged beside it, then swapped in)."""
-        if not safe_serialization:
-            raise UsageError("pipelines are saved as safetensors only")
-        with replacing_dir(Path(save_directory), "pipeline", "the pipeline folder") as staging:
-            super().save_pretrained(staging, safe_serialization=True, **kwargs)
+        save_whole(self, save_directory, safe_serialization, **kwargs)
 
 
 def make_text_pipeline(transformer, meta: dict, vae=None, text_encoder=None, device=None) -> TextDDMPipeline:
