@@ -184,12 +184,10 @@ def test_gradient_checkpointing_changes_memory_not_results(digits_manifest, tmp_
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
-def test_cosine_schedule_resumes_exactly_and_pins_its_length(digits_manifest, tmp_path, monkeypatch, capsys):
-    """A run stopped after its step-3 checkpoint and resumed equals an uninterrupted one: weights and learning rates."""
+def kill_after_step_3(argv: list[str], out, monkeypatch) -> None:
+    """Run `ddm train` into `out` and kill it after step 3's checkpoint (an exception from the EMA update)."""
     from ddm.training.trainer import IslandTrainer
 
-    argv = ["train", "--manifest", str(digits_manifest), "--island", "0", *TINY, "--steps", "6", "--lr-schedule", "cosine", "--warmup-steps", "2"]
-    assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
     plain_update = IslandTrainer.update_ema
 
     def crash_at_step_3(self, step):
@@ -199,8 +197,15 @@ def test_cosine_schedule_resumes_exactly_and_pins_its_length(digits_manifest, tm
 
     monkeypatch.setattr(IslandTrainer, "update_ema", crash_at_step_3)
     with pytest.raises(RuntimeError, match="killed"):
-        main([*argv, "--out", str(tmp_path / "resumed")])
+        main([*argv, "--out", str(out)])
     monkeypatch.setattr(IslandTrainer, "update_ema", plain_update)
+
+
+def test_cosine_schedule_resumes_exactly_and_pins_its_length(digits_manifest, tmp_path, monkeypatch, capsys):
+    """A run stopped after its step-3 checkpoint and resumed equals an uninterrupted one: weights and learning rates."""
+    argv = ["train", "--manifest", str(digits_manifest), "--island", "0", *TINY, "--steps", "6", "--lr-schedule", "cosine", "--warmup-steps", "2"]
+    assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
+    kill_after_step_3(argv, tmp_path / "resumed", monkeypatch)
     assert json.loads((tmp_path / "resumed" / "state" / "state.json").read_text())["step"] == 3
     assert main([*argv, "--out", str(tmp_path / "resumed")]) == 0
     for f in ("state/model.safetensors", "state/ema.safetensors", "state/optimizer.safetensors"):
@@ -218,21 +223,10 @@ def test_a_checkpoint_from_before_lr_schedules_resumes_on_the_constant_schedule(
     """A state.json written before --lr-schedule existed has neither config["lr_schedule"] nor a scheduler state:
     it resumes (the constant schedule was the only one) and ends where an uninterrupted run ends."""
     from ddm.io import OWNER_FILE
-    from ddm.training.trainer import IslandTrainer
 
     argv = ["train", "--manifest", str(digits_manifest), "--island", "0", *TINY, "--steps", "6", "--warmup-steps", "2"]
     assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
-    plain_update = IslandTrainer.update_ema
-
-    def crash_at_step_3(self, step):
-        if step == 3:
-            raise RuntimeError("killed")
-        plain_update(self, step)
-
-    monkeypatch.setattr(IslandTrainer, "update_ema", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="killed"):
-        main([*argv, "--out", str(tmp_path / "old")])
-    monkeypatch.setattr(IslandTrainer, "update_ema", plain_update)
+    kill_after_step_3(argv, tmp_path / "old", monkeypatch)
     state = tmp_path / "old" / "state"
     meta = json.loads((state / "state.json").read_text())
     del meta["config"]["lr_schedule"], meta["scheduler"]
