@@ -52,14 +52,19 @@ def preset_patch_size(preset: str, patch_size: int | None) -> int:
     return own or patch_size or 2
 
 
-def build_dit(preset: str, sample_size: int, in_channels: int, num_classes: int, patch_size: int | None = None) -> DiTTransformer2DModel:
-    """A class-conditional DiT. Label `num_classes` is the "no class" label used for classifier-free guidance."""
+def preset_dims(preset: str, sample_size: int, patch_size: int | None) -> tuple[dict, int]:
+    """(layers/heads/head size of the preset, patch size), checked against the image size."""
     patch_size = preset_patch_size(preset, patch_size)
     if patch_size <= 0 or sample_size % patch_size:
         raise UsageError(f"image size {sample_size} is not divisible by the patch size {patch_size}")
+    return {k: v for k, v in DIT_PRESETS[preset].items() if k != "patch_size"}, patch_size
+
+
+def build_dit(preset: str, sample_size: int, in_channels: int, num_classes: int, patch_size: int | None = None) -> DiTTransformer2DModel:
+    """A class-conditional DiT. Label `num_classes` is the "no class" label used for classifier-free guidance."""
     if num_classes < 1:
         raise UsageError(f"a class-conditional expert needs at least one class, got {num_classes}")
-    dims = {k: v for k, v in DIT_PRESETS[preset].items() if k != "patch_size"}
+    dims, patch_size = preset_dims(preset, sample_size, patch_size)
     return DiTTransformer2DModel(
         **dims,
         in_channels=in_channels,
@@ -79,10 +84,7 @@ def build_text_expert(preset: str, sample_size: int, in_channels: int, caption_c
     """A text-conditional expert: diffusers' PixArtTransformer2DModel (cross-attention to the caption's hidden states,
     with its padding mask; adaLN-single timestep modulation), sized by the DiT presets: `DiT-XL/2` is PixArt-α's
     XL/2 (28 layers x 1152, 611M parameters with T5 captions). Why PixArt: docs/ddm.md."""
-    patch_size = preset_patch_size(preset, patch_size)
-    if patch_size <= 0 or sample_size % patch_size:
-        raise UsageError(f"image size {sample_size} is not divisible by the patch size {patch_size}")
-    dims = {k: v for k, v in DIT_PRESETS[preset].items() if k != "patch_size"}
+    dims, patch_size = preset_dims(preset, sample_size, patch_size)
     return PixArtTransformer2DModel(
         **dims,
         in_channels=in_channels,
