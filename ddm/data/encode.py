@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from ddm import UsageError
+from ddm.io import atomic_save_tensors, atomic_write_json, sha256_file
 from ddm.data.text_embeddings import EMPTY, text_shard_name
-from ddm.data.latents import (DTYPES, FORMAT, INDEX, PLAN, cache_fingerprint, file_sha256, num_shards, plan_key,
+from ddm.data.latents import (DTYPES, FORMAT, INDEX, PLAN, cache_fingerprint, num_shards, plan_key,
                               shard_images, shard_name, shard_samples)
 
 
@@ -82,7 +83,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ddm.data.images import ImageFolderDataset
     from ddm.data.vae import check_vae_dir, downsample_factor, encode_moments, load_vae, vae_record
-    from ddm.io import atomic_save_tensors, atomic_write_json
 
     for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size), ("--image-size", args.image_size)):
         if value < 1:
@@ -158,12 +158,12 @@ def run(args: argparse.Namespace) -> int:
             done_in_shard, shard = [], next(shards, None)
     bar.close()
 
-    shards_meta = [{"file": shard_name(s), "samples": len(shard_images(plan, s)) * per_image, "sha256": file_sha256(out / shard_name(s))}
+    shards_meta = [{"file": shard_name(s), "samples": len(shard_images(plan, s)) * per_image, "sha256": sha256_file(out / shard_name(s))}
                    for s in range(num_shards(plan))]
     index = {**plan, "shards": shards_meta, "num_samples": plan["num_images"] * per_image}
     if text:
-        index["text"] = {"encoder": plan["text_encoder"], "captions_hash": plan["captions_hash"], "empty_sha256": file_sha256(out / EMPTY),
-                         "shards": [{"file": text_shard_name(s), "sha256": file_sha256(out / text_shard_name(s))} for s in range(num_shards(plan))]}
+        index["text"] = {"encoder": plan["text_encoder"], "captions_hash": plan["captions_hash"], "empty_sha256": sha256_file(out / EMPTY),
+                         "shards": [{"file": text_shard_name(s), "sha256": sha256_file(out / text_shard_name(s))} for s in range(num_shards(plan))]}
     index["fingerprint"] = cache_fingerprint(index)
     atomic_write_json(out / INDEX, index)  # last: marks the cache complete
     if text:

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ddm import UsageError
+from ddm.io import sha256_file
 
 FORMAT = "ddm-latents/1"
 PLAN, INDEX = "plan.json", "index.json"
@@ -73,14 +74,6 @@ def shard_samples(path: Path) -> int | None:
         return header["mean"]["shape"][0]
     except (OSError, ValueError, KeyError, IndexError, struct.error):
         return None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_fingerprint(index: dict) -> str:
@@ -174,7 +167,7 @@ class LatentDataset(Dataset):
         parts = []
         for entry in [*text["shards"], {"file": EMPTY, "sha256": text["empty_sha256"]}]:
             path = self.root / entry["file"]
-            if not path.is_file() or file_sha256(path) != entry["sha256"]:
+            if not path.is_file() or sha256_file(path) != entry["sha256"]:
                 raise UsageError(f"latent cache {self.root}: {entry['file']} is missing or not the file the index lists")
             parts.append(load_file(path))
         rows, empty = parts[:-1], parts[-1]
