@@ -27,10 +27,10 @@ test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q tests
 
 # Headless browser for the app's browser test (Debian's package; playwright never downloads one). A no-op once
-# installed; where apt-get cannot install it (not root, no network), the browser test skips and says why.
+# installed; where apt-get cannot install it (not root, no network), the browser test fails and says why.
 $(CHROMIUM):
 	DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
-		|| echo "warning: could not install chromium with apt-get; the app's browser test will be skipped"
+		|| echo "warning: could not install chromium with apt-get; the app's browser test will fail"
 
 clean:
 	rm -rf .venv outputs

@@ -247,8 +247,8 @@ def test_bad_image_inputs_get_friendly_errors(client, served, change, message):
 
 def test_browser_generates_and_screenshots_every_tab(served):
     url, _, _ = served
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: `make test` installs it with apt-get (Debian's chromium package)")
+    # A core test: no browser fails it (`make test` installs Debian's chromium with apt-get), it is never skipped.
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: `make test` installs it with apt-get (Debian's chromium package)"
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
