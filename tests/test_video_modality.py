@@ -92,3 +92,34 @@ def test_bad_canvas_or_preset_fails_before_training(tmp_path, capsys, spec, pres
                "--modality", "video", "--preset", preset, "--steps", "1", "--batch-size", "2"])
     assert rc == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_init_from_starts_at_the_experts_ema_weights(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    source = trained / "expert"
+    out = tmp_path / "tuned"
+    assert main(["train", "--manifest", str(trained / "manifest"), "--island", "1", "--out", str(out), "--init-from", str(source),
+                 "--modality", "video", "--preset", "tiny", "--steps", "1", "--batch-size", "4", "--lr", "1e-9"]) == 0
+    for rel in ["diffusion_pytorch_model.safetensors", "prompt_encoder/diffusion_pytorch_model.safetensors"]:
+        theirs, ours = load_file(source / rel), load_file(out / "raw" / rel)
+        assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs)  # one step at lr 1e-9 from their EMA
+    meta = json.loads((out / "expert.json").read_text())
+    assert meta["init_from"]["path"] == str(source.resolve()) and meta["init_from"]["step"] == 2
+    assert meta["init_from"]["files"] == meta["train_config"]["init_from"] and len(meta["init_from"]["files"]) == 2
+    # a resume must start from the same weights: without --init-from the run's config differs
+    rc = main(["train", "--manifest", str(trained / "manifest"), "--island", "1", "--out", str(out),
+               "--modality", "video", "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--lr", "1e-9"])
+    assert rc == 2
+
+
+@pytest.mark.parametrize("preset, source, message", [
+    ("small", "expert", "its denoiser has attention_head_dim=12, this run builds attention_head_dim=16"),
+    ("tiny", "manifest", "not an expert folder"),
+])
+def test_init_from_another_architecture_fails_before_training(trained, tmp_path, capsys, preset, source, message):
+    capsys.readouterr()
+    rc = main(["train", "--manifest", str(trained / "manifest"), "--island", "0", "--out", str(tmp_path / "e"),
+               "--init-from", str(trained / source), "--modality", "video", "--preset", preset, "--steps", "1", "--batch-size", "2"])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

@@ -32,6 +32,7 @@ from ddm.data.stream import StreamSampler
 from ddm.flow import FlowConfig
 from ddm.io import atomic_write_bytes
 from ddm.training.checkpoint import STATE_DIR, find_state
+from ddm.training.init_weights import InitWeights
 from ddm.training.modality import MODALITIES, get_modality
 
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}  # diffusers get_scheduler names
@@ -61,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the model init, the data order, noise and label dropout")
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between training-state checkpoints")
     p.add_argument("--log-every", type=int, default=20, help="steps between metrics.jsonl lines")
+    p.add_argument("--init-from", type=Path, help="start from this expert's EMA weights (a fine-tune; optimizer, schedule and step start fresh)")
     p.add_argument("--resume", action="store_true", help="require a training state in --out (one is resumed anyway when present)")
     p.add_argument("--tensorboard", action="store_true", help="also log to tensorboard (needs the tensorboard package)")
     p.add_argument("--workers", type=int, default=None, help="data loader worker processes (default: on a GPU, up to 8 per process for data decoded per item; else 0)")
@@ -214,6 +216,7 @@ def train_under_lock(args: argparse.Namespace) -> int:
         check_compile()
     out = Path(args.out)
     state_path = check_out_dir(out, args.resume)
+    init = InitWeights(args.init_from, args.modality) if args.init_from else None
     AcceleratorState._reset_state()  # a fresh precision setting for each run of this process (tests, scripts)
     try:
         accelerator = Accelerator(
@@ -251,6 +254,7 @@ def train_under_lock(args: argparse.Namespace) -> int:
         "label_dropout": args.label_dropout,
         "mixed_precision": precision,
         "seed": args.seed,
+        **({"init_from": init.digests} if init else {}),
     }))
     if state_path is not None:
         saved = read_state_meta(state_path)["config"]
@@ -267,6 +271,8 @@ def train_under_lock(args: argparse.Namespace) -> int:
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     net = modality.build(args.preset)
+    if init is not None:
+        init.load_into(net)
     num_parameters, flops = describe(net, args.preset, accelerator.is_main_process)
     if args.gradient_checkpointing:
         net.denoiser.enable_gradient_checkpointing()
@@ -330,6 +336,7 @@ def train_under_lock(args: argparse.Namespace) -> int:
         "flow": flow.to_dict(),
         "label_dropout": args.label_dropout,
         "train_config": config,
+        **({"init_from": init.provenance()} if init else {}),
     }
     trainer.train(loader, start_step, wall_before, out, meta)
     return 0
