@@ -6,7 +6,9 @@ the layer pipeline denoises later blocks; on a GPU the worker runs the VAE on it
 event that marks the latent ready on the denoising stream, so VAE kernels fill the gaps between the
 transformer's. One thread touches the causal VAE cache, in block order, so the frames are exactly the inline
 path's (and one `vae.decode` of the whole video's). A bounded queue holds at most QUEUED blocks: if decoding
-falls behind, denoising waits instead of memory growing with the video.
+falls behind, denoising waits instead of memory growing with the video. With a SegmentWriter, each block's
+frames (as kept by the MP4) are also written as one small video segment, after the MP4 has them and before
+`on_written` reports the block.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from parallel_infer.stream import FrameDecoder, Mp4Stream
+from parallel_infer.stream import FrameDecoder, Mp4Stream, SegmentWriter
 
 QUEUED = 4  # blocks waiting for the decoder
 
@@ -26,8 +28,8 @@ class BlockWriter:
     """`put(block, latent)` in block order; `close()` returns the decode timings once the MP4 is complete."""
 
     def __init__(self, decoder: FrameDecoder, stream: Mp4Stream, threaded: bool = True,
-                 on_written: Callable[[int], None] | None = None):
-        self.decoder, self.stream, self.on_written = decoder, stream, on_written
+                 on_written: Callable[[int], None] | None = None, segments: SegmentWriter | None = None):
+        self.decoder, self.stream, self.on_written, self.segments = decoder, stream, on_written, segments
         self.busy = 0.0  # seconds spent decoding and writing
         self.error: BaseException | None = None
         self.thread = self.cuda_stream = None
@@ -53,7 +55,9 @@ class BlockWriter:
 
     def _write(self, block: int, latent: torch.Tensor) -> None:
         start = time.perf_counter()
-        self.stream.write(self.decoder.decode(latent))
+        frames = self.stream.write(self.decoder.decode(latent))
+        if self.segments is not None:
+            self.segments.write(block, frames)
         self.busy += time.perf_counter() - start
         if self.on_written is not None:
             self.on_written(block)

@@ -5,9 +5,11 @@ an app that renders again and again wants the ranks to stay. A `RenderPool` spaw
 included, so the caller's process never joins a process group), each joins the group and loads the model,
 then waits for requests on its own queue. A request is checked on JSON alone by `check_request` in the
 caller, sent to every rank, and rendered by the same `Renderer` as a batch; rank 0 reports progress per
-block, then the sidecar record, on one event queue. A failed render closes the pool (the next one starts
-afresh); `close()` asks the ranks to leave and kills any that does not within the timeout. Ranks also leave
-by themselves when the process that made the pool is gone.
+block, then the sidecar record, on one event queue. Asked for a segments folder, rank 0 also writes each block
+as a small video segment there (stream.SegmentWriter) and reports its path before the block's progress, so an
+app can show the video as it grows; only the render that asks pays for it. A failed render closes the pool
+(the next one starts afresh); `close()` asks the ranks to leave and kills any that does not within the
+timeout. Ranks also leave by themselves when the process that made the pool is gone.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -67,17 +70,22 @@ class RenderPool:
         return self._finalizer.alive and all(p.is_alive() for p in self.processes)
 
     def render(self, prompt: str, out_path: str | Path, *, frames: int | None = None, seconds: float | None = None,
-               progress_callback: Progress | None = None, **settings) -> dict:
+               progress_callback: Progress | None = None, segments: str | Path | None = None,
+               segment_callback: Callable[[Path, int], None] | None = None, **settings) -> dict:
         """As `api.render_video`, on the warm ranks; record["timings_s"]["load"] is the time this call waited
-        for the ranks to load (0 once they have)."""
+        for the ranks to load (0 once they have). With a `segments` folder, each block is also written there as
+        `block-NNNN.ts` and `segment_callback(path, frames)` is called as each is complete, before that block's
+        `progress_callback`; the MP4 is the same as without."""
         video = VideoSettings(frames=frames, seconds=seconds, **settings)
         request = check_request(self.model_dir, video, [Video(prompt, video.seed, Path(out_path))], self.ranks, self.timeout, self.threads)
         start = time.perf_counter()
         self.wait_ready()
         waited = time.perf_counter() - start
+        job = (request, None if segments is None else str(segments))
         for jobs in self.jobs:
-            jobs.put(request)
-        record = self._wait("done", self.timeout * (request.plan.config.num_iterations + 1), progress_callback)
+            jobs.put(job)
+        record = self._wait("done", self.timeout * (request.plan.config.num_iterations + 1), progress_callback,
+                            segment_callback)
         record["timings_s"]["load"] = waited
         return record
 
@@ -87,9 +95,10 @@ class RenderPool:
             self.load_seconds = self._wait("ready", STARTUP_TIMEOUT)
             self.ready = True
 
-    def _wait(self, wanted: str, limit: float, progress: Progress | None = None):
-        """The payload of the next `wanted` event; progress events go to `progress`. An error, a rank that exits,
-        or silence longer than `limit` closes the pool and raises."""
+    def _wait(self, wanted: str, limit: float, progress: Progress | None = None,
+              on_segment: Callable[[Path, int], None] | None = None):
+        """The payload of the next `wanted` event; progress and segment events go to `progress` and `on_segment`.
+        An error, a rank that exits, or silence longer than `limit` closes the pool and raises."""
         deadline = time.monotonic() + limit
         while True:
             try:
@@ -108,6 +117,10 @@ class RenderPool:
                 deadline = time.monotonic() + limit
                 if progress is not None:
                     progress(*payload)
+            elif kind == "segment":
+                if on_segment is not None:
+                    path, frames = payload
+                    on_segment(Path(path), frames)
             elif kind == wanted:
                 return payload
 
@@ -137,7 +150,7 @@ def _shutdown(processes, jobs, timeout: float, scratch) -> None:
 
 
 def _next_job(jobs, parent: int):
-    """The next request, None to leave; also None once the parent process is gone."""
+    """The next (request, segments folder or None), None to leave; also None once the parent process is gone."""
     while True:
         try:
             return jobs.get(timeout=POLL_S)
@@ -157,8 +170,8 @@ def _serve(rank: int, world: int, store: str, info, threads, timeout: float, par
         ready()
         if rank == 0:
             events.put(("ready", time.perf_counter() - start))
-        while (request := _next_job(jobs, parent)) is not None:
-            _render(request, model, rank, events)
+        while (job := _next_job(jobs, parent)) is not None:
+            _render(*job, model, rank, events)
     except BaseException as e:  # noqa: BLE001 - every failure must reach the caller, which then closes the pool
         message = str(e) if str(e).startswith(f"rank {rank}:") else f"rank {rank}: {e}"  # PeerFailure names it
         events.put(("error", (message, isinstance(e, UsageError))))
@@ -172,11 +185,13 @@ def _serve(rank: int, world: int, store: str, info, threads, timeout: float, par
     os._exit(0)  # a normal interpreter exit can hang in native thread pools' teardown after torch ran here
 
 
-def _render(request: Request, model, rank: int, events) -> None:
+def _render(request: Request, segments: str | None, model, rank: int, events) -> None:
     for video in request.videos:
         renderer = Renderer(model, video.plan, video.settings, request.timeout)
         progress = (lambda done, total: events.put(("block", (done, total)))) if rank == 0 else None
-        record = renderer.render(video.prompt, video.seed, video.path if rank == 0 else None, progress)
+        on_segment = (lambda path, frames: events.put(("segment", (str(path), frames)))) if rank == 0 else None
+        record = renderer.render(video.prompt, video.seed, video.path if rank == 0 else None, progress,
+                                 Path(segments) if segments is not None and rank == 0 else None, on_segment)
         if rank == 0:
             record["settings_from"] = request.sources
             atomic_write_json(video.path.with_suffix(".json"), record)

@@ -24,7 +24,7 @@ from parallel_infer.block_writer import BlockWriter
 from parallel_infer.config import DualParalConfig, latent_frames_covering
 from parallel_infer.layer_pipeline import run_layer_pipeline
 from parallel_infer.loader import ModelInfo, VideoModel
-from parallel_infer.stream import FrameDecoder, Mp4Stream
+from parallel_infer.stream import FrameDecoder, Mp4Stream, SegmentWriter
 from parallel_infer.topology import Topology
 from parallel_infer.wan_adapter import WanAdapter
 
@@ -149,9 +149,12 @@ class Renderer:
         # cores from the ranks (docs/BENCHMARKS.md, decode placement)
         self.decode_thread = decode == "thread" or (decode == "auto" and self.adapter.device.type == "cuda")
 
-    def render(self, prompt: str, seed: int, out: Path | None, progress: Progress | None = None) -> dict | None:
+    def render(self, prompt: str, seed: int, out: Path | None, progress: Progress | None = None,
+               segments: Path | None = None, on_segment: Callable[[Path, int], None] | None = None) -> dict | None:
         """Render on every rank; the decode rank writes the MP4 `out`, rank 0 returns the sidecar dict.
-        `progress(blocks written, blocks)` is called on the decode rank."""
+        `progress(blocks written, blocks)` is called on the decode rank. With a `segments` folder the decode rank
+        also writes each block as a video segment there (stream.SegmentWriter), calling `on_segment(path,
+        frames)`; the MP4 is the same either way (the record's decode_write counts the segments' encoding too)."""
         config = replace(self.plan.config, seed=seed)
         start = time.perf_counter()
         prompts = [prompt, self.settings.negative_prompt] if config.guided else [prompt]
@@ -161,7 +164,9 @@ class Renderer:
         if out is not None and self.rank == self.topology.decode_rank:
             stream = Mp4Stream(out, self.settings.fps, self.plan.height, self.plan.width, limit=self.plan.frames)
             on_written = (lambda block: progress(block + 1, config.num_blocks)) if progress else None
-            writer = BlockWriter(FrameDecoder(self.model.vae), stream, self.decode_thread, on_written)
+            segment_writer = None if segments is None else SegmentWriter(
+                segments, self.settings.fps, self.plan.height, self.plan.width, on_segment)
+            writer = BlockWriter(FrameDecoder(self.model.vae), stream, self.decode_thread, on_written, segment_writer)
         try:
             total_bytes = run_layer_pipeline(self.adapter, config, embeds, writer.put if writer else None,
                                              self.model.scheduler_config, self.timeout, self.topology)
