@@ -143,8 +143,13 @@ def video_tab(app: gr.Blocks, actions: Actions, demo_dir: str) -> None:
                     )
                 render_button = gr.Button("Render", variant="primary")
             with gr.Column(scale=2):
+                # Streams each block as it is written (HLS of per-block H.264 segments); the complete MP4 below.
+                live = gr.Video(
+                    label="Live: blocks as they are written", height=420, streaming=True, autoplay=True,
+                    elem_id="video-live", elem_classes="pixelated",
+                )
                 video = gr.Video(
-                    label="Video", height=420, autoplay=True, loop=True,
+                    label="Video (the complete MP4)", height=420, autoplay=True, loop=True,
                     elem_id="video-player", elem_classes="pixelated",
                 )
                 video_record = gr.JSON(label="Settings, frames and timings")
@@ -157,16 +162,23 @@ def video_tab(app: gr.Blocks, actions: Actions, demo_dir: str) -> None:
         api_name="video_model_settings",
         concurrency_id="video-settings",
     )
+    render_inputs = [
+        video_model_dir, prompt, negative_prompt, seconds, fps, height, width, video_steps, block, cat, video_cfg,
+        video_seed, workers,
+    ]
     render_button.click(
-        actions.render_video,
-        inputs=[
-            video_model_dir, prompt, negative_prompt, seconds, fps, height, width,
-            video_steps, block, cat, video_cfg, video_seed, workers,
-        ],
-        outputs=[video, video_record],
-        api_name="render_video",
+        actions.render_video_live,
+        inputs=render_inputs,
+        outputs=[live, video, video_record],
+        api_name="render_video_live",
         concurrency_id="video",
         concurrency_limit=1,  # a render already uses several processes; the next one waits in the queue
+    )
+    # The same render as an API endpoint that returns (MP4, record) once complete, with no stream: no trigger in
+    # the page, only clients call it.
+    gr.on(
+        [], actions.render_video, inputs=render_inputs, outputs=[video, video_record], api_name="render_video",
+        concurrency_id="video", concurrency_limit=1,
     )
 
 

@@ -6,8 +6,11 @@ through `AllowedRoots.dir`, which resolves it (symlinks too) and refuses anythin
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
+import queue
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -73,7 +76,18 @@ class AllowedRoots:
 
 
 def friendly(fn):
-    """Back-end usage errors (UsageError, a bad config) reach the user as one readable gr.Error line."""
+    """Back-end usage errors (UsageError, a bad config) reach the user as one readable gr.Error line; also those a
+    generator raises while Gradio iterates it."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except UsageError as e:
+                raise UserError(str(e)) from None
+
+        return generator
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -358,13 +372,11 @@ class Actions:
         values = (settings.fps, settings.height, settings.width, settings.steps, settings.block, settings.cat, settings.cfg)
         return *values, f"**Prompts**: {prompt_hints(info)}.  \n**Settings** below: " + note.replace("\n", "; ")
 
-    @friendly
-    def render_video(
+    def video_request(
         self, model_dir: str, prompt: str, negative_prompt: str, seconds, fps, height, width, steps, block, cat, cfg,
-        seed, workers, progress=gr.Progress(),
-    ):
-        """One MP4 from `prompt` through DualParal on `workers` local processes kept warm between renders
-        (parallel_infer/pool.py); progress = blocks done / total."""
+        seed, workers,
+    ) -> tuple[Path, int, dict]:
+        """The Video tab's fields, checked: (model folder, worker count, `RenderPool.render`'s keyword arguments)."""
         model_path = self.roots.dir(model_dir, "Video model directory")
         prompt = (prompt or "").strip()
         if not prompt:
@@ -382,14 +394,69 @@ class Actions:
         cfg = float_in_range(cfg, "CFG scale", 1.0, 20.0)
         seed = int_in_range(seed, "Seed", 0, 2**31 - 1)
         workers = int_in_range(workers, "Worker processes", 1, MAX_WORKERS)
+        settings = dict(prompt=prompt, seconds=seconds, fps=fps, height=height, width=width, steps=steps, block=block,
+                        cat=cat, cfg=cfg, seed=seed, negative_prompt=(negative_prompt or "").strip())
+        return model_path, workers, settings
+
+    @friendly
+    def render_video(
+        self, model_dir: str, prompt: str, negative_prompt: str, seconds, fps, height, width, steps, block, cat, cfg,
+        seed, workers, progress=gr.Progress(),
+    ):
+        """One MP4 from `prompt` through DualParal on `workers` local processes kept warm between renders
+        (parallel_infer/pool.py); progress = blocks done / total. Returns (MP4 path, record) once complete."""
+        fields = (model_dir, prompt, negative_prompt, seconds, fps, height, width, steps, block, cat, cfg, seed, workers)
+        *_, (_, video, record) = self.render_steps(fields, progress, live=False)  # its only item: the result
+        return video, record
+
+    @friendly
+    def render_video_live(
+        self, model_dir: str, prompt: str, negative_prompt: str, seconds, fps, height, width, steps, block, cat, cfg,
+        seed, workers, progress=gr.Progress(),
+    ):
+        """As `render_video`, showing the video as it grows: yields (segment, skip, skip) as each block's segment
+        is written, for the streaming player, then (skip, MP4 path, record)."""
+        fields = (model_dir, prompt, negative_prompt, seconds, fps, height, width, steps, block, cat, cfg, seed, workers)
+        yield from self.render_steps(fields, progress, live=True)
+
+    def render_steps(self, fields: tuple, progress, live: bool):
+        """Check the fields, render on the warm pool, yield each segment (`live` only) and then the result.
+
+        The pool renders on a thread of its own, so that this generator can hand each segment to Gradio while later
+        blocks render; progress is reported from here, the thread Gradio runs the event on. Gradio has read a
+        segment once the generator resumes, so the segments are removed when the render is over (one whose client
+        went away leaves them to the run folder's removal at exit)."""
+        model_path, workers, settings = self.video_request(*fields)
         self.scratch.mkdir(parents=True, exist_ok=True)
         out = self.scratch / f"video-{uuid.uuid4().hex[:12]}.mp4"
-        with self.video_pool_lock:
-            pool = self.warm_pool(model_path, workers)
-            progress(0, desc="rendering" if pool.ready else "loading the model")
-            record = pool.render(
-                prompt, out, seconds=seconds, fps=fps, height=height, width=width, steps=steps, block=block, cat=cat,
-                cfg=cfg, seed=seed, negative_prompt=(negative_prompt or "").strip(),
-                progress_callback=lambda done, total: progress((done, total), desc="blocks", unit="blocks"),
-            )
-        return str(out), record
+        segments = out.with_name(f"{out.stem}-live") if live else None
+        events: queue.Queue = queue.Queue()
+
+        def render() -> None:
+            try:
+                with self.video_pool_lock:
+                    pool = self.warm_pool(model_path, workers)
+                    events.put(("start", "rendering" if pool.ready else "loading the model"))
+                    record = pool.render(
+                        out_path=out, segments=segments, segment_callback=lambda path, _: events.put(("segment", path)),
+                        progress_callback=lambda done, total: events.put(("block", (done, total))), **settings,
+                    )
+                events.put(("done", record))
+            except BaseException as e:  # noqa: BLE001 - raised again below, in Gradio's thread
+                events.put(("error", e))
+
+        threading.Thread(target=render, name="video-render", daemon=True).start()
+        while (event := events.get())[0] not in ("done", "error"):
+            kind, payload = event
+            if kind == "start":
+                progress(0, desc=payload)
+            elif kind == "block":
+                progress(payload, desc="blocks", unit="blocks")
+            else:
+                yield str(payload), gr.skip(), gr.skip()
+        if segments is not None:
+            shutil.rmtree(segments, ignore_errors=True)  # the render is over: no segment comes any more
+        kind, payload = event
+        if kind == "error":
+            raise payload
+        yield gr.skip(), str(out), payload

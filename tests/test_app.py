@@ -164,20 +164,30 @@ def test_render_video_on_two_worker_processes(client, served):
     _, demo, _ = served
     args = dict(model_dir=str(demo / "video-model"), prompt=VIDEO_PROMPT, seconds=1.5, fps=8, height=16, width=24,
                 steps=3, block=4, cat=2, cfg=1.0, seed=3)
-    job = client.submit(**args, workers=2, api_name="/render_video")
-    video, record = job.result()
+    job = client.submit(**args, workers=2, api_name="/render_video_live")  # the Render button's endpoint
+    unchanged, video, record = job.result()
+    assert unchanged == {"__type__": "update"}  # the live player keeps its stream; the MP4 comes in its own player
     assert imageio_ffmpeg.count_frames_and_secs(video)[0] == 12 == record["frames_written"]  # 1.5 s at 8 fps
+    # 12 frames → 14 latent frames = block + cat + 2 blocks (6, 4, 4 frames, the last cut to 2): one yield per block
+    # to the streaming player, whose HLS playlist then lists that block's segment (Gradio re-muxed it; the client
+    # fetches the playlist as each yield arrives, so a later one may already hold the next segment)
+    playlists = [Path(live).read_text() for live, _, _ in job.outputs()[:-1]]
+    assert len(playlists) == 3 and len(job.outputs()) == 4
+    segments = [[float(line[8:-1]) for line in text.splitlines() if line.startswith("#EXTINF:")] for text in playlists]
+    assert segments[-1] == [6 / 8, 4 / 8, 2 / 8] and all(len(s) > i for i, s in enumerate(segments))
+    assert not list((REPO / "outputs" / "app-tmp").glob("run-*/videos/*-live"))  # removed once the render was over
     updates = []
     while not job.communicator.updates.empty():
         updates += getattr(job.communicator.updates.get_nowait(), "progress_data", None) or []
-    # 12 frames → 14 latent frames = block + cat + 2 blocks: the bar counts 3 blocks written. Gradio sends only the
-    # latest progress at each 10 ms tick, so a busy machine may merge updates: the bar only moves forward, out of 3.
+    # Gradio sends only the latest progress at each 10 ms tick, so a busy machine may merge updates: the bar counts
+    # the 3 blocks written and only moves forward.
     blocks = [(u.index, u.length) for u in updates if u.unit == "blocks"]
     assert blocks and set(blocks) <= {(1, 3), (2, 3), (3, 3)} and blocks == sorted(set(blocks))
     assert record["ranks"] == 2 and (record["settings"]["height"], record["settings"]["width"]) == (16, 24)
     meta, *frames = imageio_ffmpeg.read_frames(video)
     assert meta["size"] == (24, 16) and len(frames) == 12
-    single, first = client.predict(**args, workers=1, api_name="/render_video")  # DualParal: the same video on one process
+    # /render_video: the same render, no stream, (MP4, record) once complete. DualParal: the same video on one process
+    single, first = client.predict(**args, workers=1, api_name="/render_video")
     assert list(imageio_ffmpeg.read_frames(single))[1:] == frames
     # The worker count changed, so that render loaded the model again; the next one finds it warm.
     _, again = client.predict(**{**args, "seed": 4}, workers=1, negative_prompt="", api_name="/render_video")
@@ -204,14 +214,16 @@ def test_the_video_model_fills_in_its_settings_and_prompt_hints(client, served):
         (dict(prompt="  "), "Prompt: please enter a prompt"),
         (dict(workers=99), "Value 99 is greater than maximum value"),
         (dict(model_dir="../../etc/passwd"), "outside the folders this app may read"),
+        (dict(prompt="a cow"), "'a cow' has no precomputed embedding"),  # the pool's check, on the render's thread
     ],
 )
-def test_bad_video_inputs_get_friendly_errors(client, served, change, message):
+@pytest.mark.parametrize("endpoint", ["/render_video", "/render_video_live"])
+def test_bad_video_inputs_get_friendly_errors(client, served, change, message, endpoint):
     _, demo, _ = served
     args = dict(model_dir=str(demo / "video-model"), prompt=VIDEO_PROMPT, seconds=1, fps=8, height=16, width=16,
                 steps=2, block=4, cat=2, cfg=1.0, seed=0, workers=1)
     with pytest.raises(AppError, match=message):
-        client.predict(**{**args, **change}, api_name="/render_video")
+        client.predict(**{**args, **change}, api_name=endpoint)
 
 
 @pytest.mark.parametrize("path", ["../../etc/passwd", "/etc", "escape", "escape/ssl", "leaky", "forged-ensemble"])
@@ -268,8 +280,16 @@ def test_browser_generates_and_screenshots_every_tab(served):
         for field, value in [("seconds", "1"), ("height", "32"), ("width", "32"), ("steps", "3"), ("workers", "1")]:
             page.locator(f"#video-{field} input[type=number]").fill(value)
             page.locator(f"#video-{field} input[type=number]").press("Enter")
+        segments = set()
+        page.on("response", lambda r: segments.add(r.url) if "/stream/" in r.url and r.url.endswith(".ts") else None)
         page.get_by_role("button", name="Render").click()
         page.locator("#video-player video").wait_for(timeout=60_000)
+        # The live player (hls.js) fetched a segment per block and played the stream, which ends as long as the MP4.
+        page.wait_for_function("""() => {
+            const [live, mp4] = ["#video-live video", "#video-player video"].map(s => document.querySelector(s));
+            return live && !live.error && live.currentTime > 0 && Math.abs(live.duration - mp4.duration) < 0.1;
+        }""", timeout=30_000)
+        assert len(segments) >= 2
         page.screenshot(path=ARTIFACTS / "app-video.png", full_page=True)
         page.get_by_role("tab", name="Islands").click()
         page.get_by_role("button", name="Show islands").click()
