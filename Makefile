@@ -2,6 +2,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 CHROMIUM := /usr/bin/chromium
+FFPROBE  := /usr/bin/ffprobe
 export OMP_NUM_THREADS ?= 2
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(CHROMIUM) $(FFPROBE)
 	$(PY) -m pytest -q tests
 
 # Headless browser for the app's browser test (Debian's package; playwright never downloads one). A no-op once
@@ -31,6 +32,13 @@ test: $(STAMP) $(CHROMIUM)
 $(CHROMIUM):
 	DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
 		|| echo "warning: could not install chromium with apt-get; the app's browser test will fail"
+
+# ffmpeg + ffprobe on PATH, which Gradio's streaming video output (the app's live player) runs; the MP4s
+# themselves are written by imageio-ffmpeg's own binary. Where apt-get cannot install them, the app shows only the
+# complete MP4 and the app's streaming tests fail.
+$(FFPROBE):
+	DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg \
+		|| echo "warning: could not install ffmpeg with apt-get; the app's streaming tests will fail"
 
 clean:
 	rm -rf .venv outputs

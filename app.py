@@ -28,7 +28,7 @@ import sys
 import gradio as gr
 from starlette.middleware import Middleware
 
-from app_actions import APP_DIR, MAX_IMAGES, MAX_SECONDS, MAX_STEPS, MAX_WORKERS, Actions, AllowedRoots
+from app_actions import APP_DIR, MAX_IMAGES, MAX_SECONDS, MAX_STEPS, MAX_WORKERS, STREAMING, Actions, AllowedRoots
 from router.strategies import DEFAULT_STRATEGY
 
 MAX_FILE_SIZE = "1mb"  # Gradio's upload limit, should an upload route ever be turned back on
@@ -146,8 +146,11 @@ def video_tab(app: gr.Blocks, actions: Actions, demo_dir: str) -> None:
                 # Streams each block as it is written (HLS of per-block H.264 segments); the complete MP4 below.
                 live = gr.Video(
                     label="Live: blocks as they are written", height=420, streaming=True, autoplay=True,
-                    elem_id="video-live", elem_classes="pixelated",
+                    visible=STREAMING, elem_id="video-live", elem_classes="pixelated",
                 )
+                if not STREAMING:
+                    gr.Markdown("*Install ffmpeg (with ffprobe) to watch the video as it grows; until then the "
+                                "complete MP4 shows once rendered.*")
                 video = gr.Video(
                     label="Video (the complete MP4)", height=420, autoplay=True, loop=True,
                     elem_id="video-player", elem_classes="pixelated",

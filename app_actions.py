@@ -33,6 +33,9 @@ MAX_IMAGES = 16
 MAX_SECONDS = 600
 MAX_PIXELS = 1280
 MAX_WORKERS = max(1, os.cpu_count() or 1)
+# Gradio's streaming video output probes and re-muxes each segment with the ffmpeg and ffprobe on PATH (the
+# imageio-ffmpeg binary that writes our MP4s is not there); without them the Video tab shows only the complete MP4.
+STREAMING = all(shutil.which(tool) for tool in ("ffmpeg", "ffprobe"))
 
 
 class AllowedRoots:
@@ -415,9 +418,9 @@ class Actions:
         seed, workers, progress=gr.Progress(),
     ):
         """As `render_video`, showing the video as it grows: yields (segment, skip, skip) as each block's segment
-        is written, for the streaming player, then (skip, MP4 path, record)."""
+        is written, for the streaming player, then (skip, MP4 path, record); only the latter without STREAMING."""
         fields = (model_dir, prompt, negative_prompt, seconds, fps, height, width, steps, block, cat, cfg, seed, workers)
-        yield from self.render_steps(fields, progress, live=True)
+        yield from self.render_steps(fields, progress, live=STREAMING)
 
     def render_steps(self, fields: tuple, progress, live: bool):
         """Check the fields, render on the warm pool, yield each segment (`live` only) and then the result.

@@ -3,11 +3,13 @@
     python scripts/bench_app_video.py [--model ddm/assets/video/quick] [--seconds 2] [--workers 2] [--renders 3]
 
 Renders the same prompt `--renders` times through the app's own action (`Actions.render_video`, which keeps a
-`parallel_infer.pool.RenderPool`), then once more through `parallel_infer.api.render_video` (spawn, load,
-render, tear down: what every render cost before the pool). Per render it prints the wall time the caller
-waited, the time spent waiting for the model to load, and the render itself (the sidecar's `total`: prompt
-encoding, denoising, decoding and writing), and the ratio wall / render. The target: from the second render on,
-load ~ 0 and wall <= 1.2 x render. Settings are the model's own (its video_settings.json).
+`parallel_infer.pool.RenderPool`), as many times more on the warm pool through the Render button's action
+(`Actions.render_video_live`, which also writes each block as a video segment for the live player), then once
+more through `parallel_infer.api.render_video` (spawn, load, render, tear down: what every render cost before
+the pool). Per render it prints the wall time the caller waited, the time spent waiting for the model to load,
+the render itself (the sidecar's `total`: prompt encoding, denoising, decoding and writing), the ratio
+wall / render, and the seconds spent decoding and writing (the segments' encoding included). The target: from
+the second render on, load ~ 0 and wall <= 1.2 x render. Settings are the model's own (its video_settings.json).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    from app_actions import Actions, AllowedRoots
+    from app_actions import STREAMING, Actions, AllowedRoots
     from parallel_infer.api import render_video
     from parallel_infer.loader import inspect_model
     from parallel_infer.model_settings import resolve_settings
@@ -42,19 +44,23 @@ def main() -> int:
     settings, _ = resolve_settings(inspect_model(args.model), VideoSettings(seconds=args.seconds))
     fields = dict(fps=settings.fps, height=settings.height, width=settings.width, steps=settings.steps,
                   block=settings.block, cat=settings.cat, cfg=settings.cfg)
-    actions = Actions(AllowedRoots([args.model.resolve().parent]))
+    scratch = tempfile.TemporaryDirectory(prefix="bench-app-video-")
+    actions = Actions(AllowedRoots([args.model.resolve().parent]), Path(scratch.name))
     rows = []
     try:
-        for i in range(args.renders):
-            start = time.perf_counter()
-            _, record = actions.render_video(
-                str(args.model.resolve()), args.prompt, "", args.seconds, fields["fps"], fields["height"],
-                fields["width"], fields["steps"], fields["block"], fields["cat"], fields["cfg"], i, args.workers,
-                progress=lambda *a, **k: None,
-            )
-            rows.append(("app, warm pool", i + 1, time.perf_counter() - start, record))
+        for path, action in (("app, warm pool", actions.render_video), ("app, warm pool, live", actions.render_video_live)):
+            for i in range(args.renders):
+                start = time.perf_counter()
+                result = action(
+                    str(args.model.resolve()), args.prompt, "", args.seconds, fields["fps"], fields["height"],
+                    fields["width"], fields["steps"], fields["block"], fields["cat"], fields["cfg"], i, args.workers,
+                    progress=lambda *a, **k: None,
+                )
+                record = (list(result)[-1] if path.endswith("live") else result)[-1]  # live: its last yield
+                rows.append((path, i + 1, time.perf_counter() - start, record))
     finally:
         actions.close()
+        scratch.cleanup()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         record = render_video(args.model, args.prompt, Path(tmp) / "v.mp4", seconds=args.seconds, ranks=args.workers,
@@ -62,13 +68,15 @@ def main() -> int:
         rows.append(("render_video, fresh", 1, time.perf_counter() - start, record))
 
     print(f"model {args.model}, {args.seconds:g} s of video, {args.workers} workers, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, settings {fields}")
-    print(f"{'path':<22} {'render #':>8} {'wall s':>7} {'load s':>7} {'render s':>8} {'wall/render':>11}")
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, settings {fields}, "
+          f"live segments {'on' if STREAMING else 'off (no ffmpeg/ffprobe on PATH)'}")
+    print(f"{'path':<22} {'render #':>8} {'wall s':>7} {'load s':>7} {'render s':>8} {'wall/render':>11} {'decode+write s':>14}")
     figures = []
     for path, n, wall, record in rows:
-        load, render = record["timings_s"]["load"], record["timings_s"]["total"]
-        print(f"{path:<22} {n:>8} {wall:>7.2f} {load:>7.2f} {render:>8.2f} {wall / render:>11.2f}")
-        figures.append({"path": path, "render": n, "wall_s": wall, "load_s": load, "render_s": render})
+        load, render, write = (record["timings_s"][k] for k in ("load", "total", "decode_write"))
+        print(f"{path:<22} {n:>8} {wall:>7.2f} {load:>7.2f} {render:>8.2f} {wall / render:>11.2f} {write:>14.2f}")
+        figures.append({"path": path, "render": n, "wall_s": wall, "load_s": load, "render_s": render,
+                        "decode_write_s": write})
     if args.json:
         args.json.write_text(json.dumps({"settings": fields, "workers": args.workers, "seconds": args.seconds,
                                          "rows": figures}, indent=1))

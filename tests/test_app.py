@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -162,6 +163,8 @@ def test_islands_and_one_sample_per_expert(client, served):
 
 def test_render_video_on_two_worker_processes(client, served):
     _, demo, _ = served
+    # A core test, like the browser one: the live player needs both on PATH, and `make test` installs them.
+    assert shutil.which("ffmpeg") and shutil.which("ffprobe"), "ffmpeg/ffprobe missing: `make test` installs Debian's ffmpeg"
     args = dict(model_dir=str(demo / "video-model"), prompt=VIDEO_PROMPT, seconds=1.5, fps=8, height=16, width=24,
                 steps=3, block=4, cat=2, cfg=1.0, seed=3)
     job = client.submit(**args, workers=2, api_name="/render_video_live")  # the Render button's endpoint
