@@ -28,7 +28,9 @@ import sys
 import gradio as gr
 from starlette.middleware import Middleware
 
-from app_actions import APP_DIR, MAX_IMAGES, MAX_SECONDS, MAX_STEPS, MAX_WORKERS, STREAMING, Actions, AllowedRoots
+from app_actions import MAX_IMAGES, Actions
+from frontends.app_inputs import MAX_STEPS, AllowedRoots
+from frontends.app_video import APP_DIR, MAX_SECONDS, MAX_WORKERS, STREAMING
 from router.strategies import DEFAULT_STRATEGY
 
 MAX_FILE_SIZE = "1mb"  # Gradio's upload limit, should an upload route ever be turned back on

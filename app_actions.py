@@ -1,18 +1,12 @@
 """What the Gradio app (app.py) does when a button is pressed: validate, read only allowed paths, call the back ends.
 
 Each action turns bad input into a friendly `gr.Error` before any heavy work. Every path typed into the UI goes
-through `AllowedRoots.dir`, which resolves it (symlinks too) and refuses anything outside the allowed folders.
+through `AllowedRoots.dir` (frontends/app_inputs.py), which resolves it (symlinks too) and refuses anything outside
+the allowed folders. The Images and Islands tabs' actions are here; the Video tab's are in frontends/app_video.py.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import json
-import os
-import queue
-import shutil
-import threading
-import uuid
 from pathlib import Path
 
 import gradio as gr
@@ -23,105 +17,11 @@ from ddm.io import recorded_folder
 from ddm.models.experts import read_expert_meta
 from frontends.app_figures import (cluster_sizes_plot, labelled_tile, read_metrics, routing_plot, tile_grid,
                                    training_curves_plot)
+from frontends.app_inputs import MAX_STEPS, UserError, float_in_range, friendly, int_in_range
+from frontends.app_video import VideoActions
 
-APP_DIR = Path(__file__).resolve().parent
-# A user's mistake: shown in the UI, not logged as a server traceback.
-UserError = functools.partial(gr.Error, print_exception=False)
-MAX_STEPS = 200
 BUILT_IN_DATA = ("digits", "moving-digits")  # data specs of ddm.data.load_dataset that name no folder
 MAX_IMAGES = 16
-MAX_SECONDS = 600
-MAX_PIXELS = 1280
-MAX_WORKERS = max(1, os.cpu_count() or 1)
-# Gradio's streaming video output probes and re-muxes each segment with the ffmpeg and ffprobe on PATH (the
-# imageio-ffmpeg binary that writes our MP4s is not there); without them the Video tab shows only the complete MP4.
-STREAMING = all(shutil.which(tool) for tool in ("ffmpeg", "ffprobe"))
-
-
-class AllowedRoots:
-    """The only folders the app reads from. Relative UI paths are taken from the folder the app was started in,
-    as relative `--allow-dir` and `--demo-dir` are, so `python app.py --allow-dir runs` can open `runs/...`."""
-
-    def __init__(self, roots: list[Path], base: Path | None = None):
-        self.base = (base or Path.cwd()).resolve()
-        self.roots = [(self.base / Path(r).expanduser()).resolve() for r in roots]
-
-    def dir(self, text: str | None, what: str) -> Path:
-        """The resolved directory, if it and every symlink inside it stay within the roots; else a UserError."""
-        text = (text or "").strip()
-        if not text:
-            raise UserError(f"{what}: please enter a directory.")
-        path = Path(text).expanduser()
-        try:
-            resolved = (self.base / path).resolve()
-        except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, a symlink loop
-            raise UserError(f"{what} {text!r} is not a valid path.") from None
-        # Checked before existence, so the app says nothing about what lies outside its roots.
-        if not self.allows(resolved):
-            raise UserError(f"{what} {text!r} is outside the folders this app may read ({self.describe()}); start the app with --allow-dir DIR to add one.")
-        if not resolved.is_dir():
-            raise UserError(f"{what} {text!r} is not a directory.")
-        for folder, dirs, files in os.walk(resolved):  # does not follow links: each is checked instead
-            for name in dirs + files:
-                entry = Path(folder, name)
-                if entry.is_symlink() and not self.allows(entry.resolve()):
-                    raise UserError(
-                        f"{what} {text!r} holds a link ({entry.relative_to(resolved)}) to a place outside "
-                        f"the folders this app may read ({self.describe()})."
-                    )
-        return resolved
-
-    def allows(self, resolved: Path) -> bool:
-        return any(resolved.is_relative_to(root) for root in self.roots)
-
-    def describe(self) -> str:
-        return ", ".join(str(r) for r in self.roots)
-
-
-def friendly(fn):
-    """Back-end usage errors (UsageError, a bad config) reach the user as one readable gr.Error line; also those a
-    generator raises while Gradio iterates it."""
-    if inspect.isgeneratorfunction(fn):
-
-        @functools.wraps(fn)
-        def generator(*args, **kwargs):
-            try:
-                yield from fn(*args, **kwargs)
-            except UsageError as e:
-                raise UserError(str(e)) from None
-
-        return generator
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UsageError as e:
-            raise UserError(str(e)) from None
-
-    return wrapper
-
-
-def int_in_range(value, name: str, low: int, high: int) -> int:
-    if value is None or (isinstance(value, float) and not value.is_integer()):
-        raise UserError(f"{name} must be a whole number between {low} and {high}, got {value!r}.")
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a whole number between {low} and {high}, got {value!r}.") from None
-    if not low <= number <= high:
-        raise UserError(f"{name} must be between {low} and {high}, got {number}.")
-    return number
-
-
-def float_in_range(value, name: str, low: float, high: float) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a number between {low} and {high}, got {value!r}.") from None
-    if not low <= number <= high:  # also refuses NaN
-        raise UserError(f"{name} must be between {low} and {high}, got {value!r}.")
-    return number
 
 
 def ensemble_parts(path: Path) -> list[str]:
@@ -172,35 +72,9 @@ def class_labels(choice: str | None, count: int, num_classes: int, seed: int) ->
     return torch.full((count,), int(choice))
 
 
-class Actions:
-    """The app's actions, bound to the folders it may read."""
-
-    def __init__(self, roots: AllowedRoots, scratch: Path):
-        self.roots = roots
-        # Rendered MP4s land here (app.py removes the folder when the app exits); Gradio serves copies of them.
-        self.scratch = Path(scratch)
-        # The Video tab's DualParal ranks, kept warm while the model folder and the worker count stay the same.
-        self.video_pool = None
-        self.video_pool_lock = threading.Lock()
-
-    def close(self) -> None:
-        """Let the video ranks go (the app calls this as it exits)."""
-        with self.video_pool_lock:
-            if self.video_pool is not None:
-                self.video_pool.close()
-                self.video_pool = None
-
-    def warm_pool(self, model_path: Path, workers: int):
-        """The pool for this model and worker count: the warm one, or a new one (the old one closed)."""
-        from parallel_infer.pool import RenderPool, model_key
-
-        pool = self.video_pool
-        if pool is not None and pool.alive and pool.key == model_key(model_path, workers, None):
-            return pool
-        if pool is not None:
-            pool.close()
-        self.video_pool = RenderPool(model_path, ranks=workers)
-        return self.video_pool
+class Actions(VideoActions):
+    """The app's actions, bound to the folders it may read: the Images and Islands tabs' here, the Video tab's in
+    `VideoActions`."""
 
     @friendly
     def islands(self, manifest_dir: str, experts_dir: str, per_cluster: int = 8):
@@ -357,109 +231,3 @@ class Actions:
             samples.append((image, f"{expert_dir.name} · class {labels.item()}"))
         return samples
 
-    def video_model_settings(self, model_dir: str):
-        """The settings a video model carries (to fill the Video tab's fields) and a note on its prompts; a folder
-        that is not a video model leaves the fields as they are and says why."""
-        from parallel_infer.loader import inspect_model
-        from parallel_infer.model_settings import describe_sources, prompt_hints, resolve_settings
-        from parallel_infer.render import VideoSettings
-
-        keep = [gr.update()] * 7
-        try:
-            info = inspect_model(self.roots.dir(model_dir, "Video model directory"))
-            settings, sources = resolve_settings(info, VideoSettings(seconds=1))
-        except (gr.Error, UsageError) as e:
-            return *keep, f"*{getattr(e, 'message', None) or e}*"
-        root = str(APP_DIR)
-        note = describe_sources(settings, sources).replace(root + os.sep, "")
-        values = (settings.fps, settings.height, settings.width, settings.steps, settings.block, settings.cat, settings.cfg)
-        return *values, f"**Prompts**: {prompt_hints(info)}.  \n**Settings** below: " + note.replace("\n", "; ")
-
-    def video_request(
-        self, model_dir: str, prompt: str, negative_prompt: str, seconds, fps, height, width, steps, block, cat, cfg,
-        seed, workers,
-    ) -> tuple[Path, int, dict]:
-        """The Video tab's fields, checked: (model folder, worker count, `RenderPool.render`'s keyword arguments)."""
-        model_path = self.roots.dir(model_dir, "Video model directory")
-        prompt = (prompt or "").strip()
-        if not prompt:
-            raise UserError("Prompt: please enter a prompt.")
-        seconds = float_in_range(seconds, "Length (seconds)", 0.05, MAX_SECONDS)
-        fps = int_in_range(fps, "fps", 1, 60)
-        # 0 = the model's own size
-        height = int_in_range(height, "Height (pixels, 0 = the model's)", 0, MAX_PIXELS) or None
-        width = int_in_range(width, "Width (pixels, 0 = the model's)", 0, MAX_PIXELS) or None
-        steps = int_in_range(steps, "Steps", 1, MAX_STEPS)
-        block = int_in_range(block, "Block size", 1, 64)
-        cat = int_in_range(cat, "Context size", 1, 63)
-        if cat >= block:
-            raise UserError(f"Context size ({cat}) must be smaller than the block size ({block}).")
-        cfg = float_in_range(cfg, "CFG scale", 1.0, 20.0)
-        seed = int_in_range(seed, "Seed", 0, 2**31 - 1)
-        workers = int_in_range(workers, "Worker processes", 1, MAX_WORKERS)
-        settings = dict(prompt=prompt, seconds=seconds, fps=fps, height=height, width=width, steps=steps, block=block,
-                        cat=cat, cfg=cfg, seed=seed, negative_prompt=(negative_prompt or "").strip())
-        return model_path, workers, settings
-
-    @friendly
-    def render_video(
-        self, model_dir: str, prompt: str, negative_prompt: str, seconds, fps, height, width, steps, block, cat, cfg,
-        seed, workers, progress=gr.Progress(),
-    ):
-        """One MP4 from `prompt` through DualParal on `workers` local processes kept warm between renders
-        (parallel_infer/pool.py); progress = blocks done / total. Returns (MP4 path, record) once complete."""
-        fields = (model_dir, prompt, negative_prompt, seconds, fps, height, width, steps, block, cat, cfg, seed, workers)
-        *_, (_, video, record) = self.render_steps(fields, progress, live=False)  # its only item: the result
-        return video, record
-
-    @friendly
-    def render_video_live(
-        self, model_dir: str, prompt: str, negative_prompt: str, seconds, fps, height, width, steps, block, cat, cfg,
-        seed, workers, progress=gr.Progress(),
-    ):
-        """As `render_video`, showing the video as it grows: yields (segment, skip, skip) as each block's segment
-        is written, for the streaming player, then (skip, MP4 path, record); only the latter without STREAMING."""
-        fields = (model_dir, prompt, negative_prompt, seconds, fps, height, width, steps, block, cat, cfg, seed, workers)
-        yield from self.render_steps(fields, progress, live=STREAMING)
-
-    def render_steps(self, fields: tuple, progress, live: bool):
-        """Check the fields, render on the warm pool, yield each segment (`live` only) and then the result.
-
-        The pool renders on a thread of its own, so that this generator can hand each segment to Gradio while later
-        blocks render; progress is reported from here, the thread Gradio runs the event on. Gradio has read a
-        segment once the generator resumes, so the segments are removed when the render is over (one whose client
-        went away leaves them to the run folder's removal at exit)."""
-        model_path, workers, settings = self.video_request(*fields)
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        out = self.scratch / f"video-{uuid.uuid4().hex[:12]}.mp4"
-        segments = out.with_name(f"{out.stem}-live") if live else None
-        events: queue.Queue = queue.Queue()
-
-        def render() -> None:
-            try:
-                with self.video_pool_lock:
-                    pool = self.warm_pool(model_path, workers)
-                    events.put(("start", "rendering" if pool.ready else "loading the model"))
-                    record = pool.render(
-                        out_path=out, segments=segments, segment_callback=lambda path, _: events.put(("segment", path)),
-                        progress_callback=lambda done, total: events.put(("block", (done, total))), **settings,
-                    )
-                events.put(("done", record))
-            except BaseException as e:  # noqa: BLE001 - raised again below, in Gradio's thread
-                events.put(("error", e))
-
-        threading.Thread(target=render, name="video-render", daemon=True).start()
-        while (event := events.get())[0] not in ("done", "error"):
-            kind, payload = event
-            if kind == "start":
-                progress(0, desc=payload)
-            elif kind == "block":
-                progress(payload, desc="blocks", unit="blocks")
-            else:
-                yield str(payload), gr.skip(), gr.skip()
-        if segments is not None:
-            shutil.rmtree(segments, ignore_errors=True)  # the render is over: no segment comes any more
-        kind, payload = event
-        if kind == "error":
-            raise payload
-        yield gr.skip(), str(out), payload

@@ -35,7 +35,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    from app_actions import STREAMING, Actions, AllowedRoots
+    from app_actions import Actions
+    from frontends.app_inputs import AllowedRoots
+    from frontends.app_video import STREAMING
     from parallel_infer.api import render_video
     from parallel_infer.loader import inspect_model
     from parallel_infer.model_settings import resolve_settings

@@ -308,7 +308,8 @@ def test_browser_generates_and_screenshots_every_tab(served):
 def test_an_expert_recording_a_vae_outside_the_roots_is_refused_before_loading(tmp_path):
     import gradio as gr
 
-    from app_actions import Actions, AllowedRoots
+    from app_actions import Actions
+    from frontends.app_inputs import AllowedRoots
     from ddm.models.experts import EXPERT_FORMAT
 
     outside, allowed = tmp_path / "elsewhere" / "vae", tmp_path / "allowed"

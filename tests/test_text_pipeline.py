@@ -134,7 +134,8 @@ def test_bad_text_input_is_one_line_exit_2(world, tmp_path, capsys):
 def test_app_images_tab_takes_a_prompt_for_a_text_ensemble(world, tmp_path):
     import gradio as gr
 
-    from app_actions import Actions, AllowedRoots
+    from app_actions import Actions
+    from frontends.app_inputs import AllowedRoots
 
     folder = world / "app" / "text-ensemble"
     ensemble_pipeline(world / "router", [world / "e0", world / "e1"], "top1").save_pretrained(folder)
