@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import json
 
-import imageio.v3 as iio
 import imageio_ffmpeg
-import numpy as np
 import pytest
 import torch
 
