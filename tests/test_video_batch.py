@@ -43,7 +43,7 @@ def test_the_shipped_model_carries_its_settings_and_a_flag_wins():
     assert set(r.sources.values()) == {str(QUICK / "video_settings.json")}
     r = request(QUICK, steps=3)
     assert r.settings.steps == 3 and r.sources["steps"] == "given"
-    assert "settings steps 3 (as given)\nsettings block 5, cat 3" in describe_sources(r.settings, r.sources)
+    assert "settings steps 3 (as given)\nsettings block 4, cat 3" in describe_sources(r.settings, r.sources)
 
 
 def test_a_wan_folder_without_the_file_falls_back_to_wan_defaults(pixel_model):

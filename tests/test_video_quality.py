@@ -1,7 +1,7 @@
 """Rendered video quality: an 8-second DualParal video of the shipped video model (trained by our own
 `ddm train --modality video`, see docs/video.md) shows the prompted digit and no block seams, and its digit moves at
 the training clips' speed; "moving right" moves as prompted far more often than a still (0) or a shuffled real
-clip (0.26 at 16x16, speed 2) would. The diagonal "bouncing" does not yet (0.23, docs/video.md)."""
+clip (0.26 at 16x16, speed 2) would. The diagonal "bouncing" moves less well (0.42, docs/video.md)."""
 import json
 from pathlib import Path
 
@@ -23,11 +23,11 @@ def test_eight_second_video_shows_the_prompted_digit_without_seams(tmp_path, pro
     out = tmp_path / "metrics.json"
     assert main(["eval-video", str(video), "--out", str(out)]) == 0
     r = json.loads(out.read_text())["results"][0]
-    assert (r["block"], r["first_block"]) == (5, 8)
+    assert (r["block"], r["first_block"]) == (4, 7)
     assert r["fidelity"] >= 0.9, r
     assert r["seam"] <= 1.3, r
     if "right" in prompt:
-        assert r["motion"] >= 0.5, r  # measured 0.66
+        assert r["motion"] >= 0.7, r  # measured 0.795 (docs/video.md)
     assert 1.5 <= r["speed"] <= 2.5, r  # the training clips move 2 px per frame (speed=2)
 
 
