@@ -14,7 +14,7 @@ Stages:
                   prompted grids and scores of ensemble and monolith             -> outputs/demo/text/
   8. page         everything on one page, with frame strips and the motion curve -> outputs/demo/index.html
 
-The video model is not trained here: it took about two hours on one CPU core, far more than the whole demo may
+The video model is not trained here: it took about three and a half hours on one CPU core, far more than the demo may
 (docs/video.md has the commands that made it, how long they took, and its scores).
 
 Re-running reuses finished stages: an existing manifest with the same settings is kept, and an expert whose
