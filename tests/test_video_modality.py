@@ -97,6 +97,8 @@ def test_bad_canvas_or_preset_fails_before_training(tmp_path, capsys, spec, pres
 def test_init_from_starts_at_the_experts_ema_weights(trained, tmp_path):
     from safetensors.torch import load_file
 
+    from ddm.io import sha256_file
+
     source = trained / "expert"
     out = tmp_path / "tuned"
     assert main(["train", "--manifest", str(trained / "manifest"), "--island", "1", "--out", str(out), "--init-from", str(source),
@@ -107,6 +109,7 @@ def test_init_from_starts_at_the_experts_ema_weights(trained, tmp_path):
     meta = json.loads((out / "expert.json").read_text())
     assert meta["init_from"]["path"] == str(source.resolve()) and meta["init_from"]["step"] == 2
     assert meta["init_from"]["files"] == meta["train_config"]["init_from"] and len(meta["init_from"]["files"]) == 2
+    assert all(digest == sha256_file(source / rel) for rel, digest in meta["init_from"]["files"].items())
     # a resume must start from the same weights: without --init-from the run's config differs
     rc = main(["train", "--manifest", str(trained / "manifest"), "--island", "1", "--out", str(out),
                "--modality", "video", "--preset", "tiny", "--steps", "2", "--batch-size", "4", "--lr", "1e-9"])

@@ -27,7 +27,7 @@ class InitWeights:
     def __init__(self, path: Path, modality: str):
         from safetensors.torch import load_file
 
-        from ddm.io import sha256_file, verify_owned
+        from ddm.io import read_owner, sha256_file, verify_owned
         from ddm.models.experts import load_expert, read_expert_meta
 
         self.path = Path(path)
@@ -36,15 +36,17 @@ class InitWeights:
         meta = read_expert_meta(self.path)
         if meta.get("modality", "image") != modality:
             raise UsageError(f"--init-from {path}: a {meta.get('modality', 'image')} expert cannot start a --modality {modality} run")
-        denoiser, _ = load_expert(self.path)
+        denoiser, _ = load_expert(self.path)  # checks the files against the SHA-256 that expert.json lists
         self.modules = {"denoiser": (dict(denoiser.config), denoiser.state_dict())}
-        self.digests = {WEIGHTS: sha256_file(self.path / WEIGHTS)}
+        # the checked digests, hashed again only where none was recorded
+        self.digests = {WEIGHTS: meta.get("files", {}).get(WEIGHTS) or sha256_file(self.path / WEIGHTS)}
         for name in EXTRA_MODULES:
             if meta.get(name):
                 folder = self.path / meta[name]
                 verify_owned(folder, name.replace("_", " "))
                 self.modules[name] = (json.loads((folder / "config.json").read_text()), load_file(folder / WEIGHTS))
-                self.digests[f"{meta[name]}/{WEIGHTS}"] = sha256_file(folder / WEIGHTS)
+                recorded = (read_owner(folder) or {}).get("files") or {}
+                self.digests[f"{meta[name]}/{WEIGHTS}"] = recorded.get(WEIGHTS) or sha256_file(folder / WEIGHTS)
         self.step = meta.get("step")
 
     def provenance(self) -> dict:
@@ -53,7 +55,7 @@ class InitWeights:
 
     def load_into(self, net: nn.Module) -> None:
         """Copy the weights into the freshly built `net`; UsageError naming the first difference in architecture."""
-        trained = {name for name, module in net.named_children() if any(True for _ in module.parameters())}
+        trained = {name for name, module in net.named_children() if next(module.parameters(), None) is not None}
         if set(self.modules) != trained:
             raise UsageError(f"--init-from {self.path}: it has the modules {sorted(self.modules)}, this run trains {sorted(trained)}")
         for name, (config, state) in self.modules.items():
