@@ -40,7 +40,7 @@ def render_video(
 ) -> dict:
     """Render `prompt` to the MP4 `out_path` (+ a `.json` sidecar beside it) and return the sidecar dict.
 
-    `settings` are the fields of `VideoSettings` (fps, height, width, steps, block, cat, cfg, flow_shift, seed,
+    `settings` are the fields of `VideoSettings` (fps, height, width, steps, block, cat, cfg, flow_shift, sampler, seed,
     negative_prompt, feature_cache, coordinated_noise); one not given (or None) comes from the model's
     video_settings.json, else Wan's defaults, and stdout gets a line saying where each came from (also in the
     record's "settings_from"). `progress_callback(blocks_done, blocks)` is called

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 from ddm import UsageError
 from ddm.checks import check_range, check_seed
 
+SAMPLERS = ("euler", "unipc")
+
 
 @dataclass(frozen=True)
 class DualParalConfig:
@@ -19,6 +21,7 @@ class DualParalConfig:
     guidance_scale: float = 5.0  # classifier-free guidance (--cfg); 1.0 runs the conditional branch alone
     flow_shift: float = 3.0
     seed: int = 0
+    sampler: str = "euler"  # each block's ODE solver: "euler" (first order) or "unipc" (UniPC, Wan's own)
     feature_cache: bool = True  # False: blocks do not attend to the next block's keys/values (ablation)
     coordinated_noise: bool = True  # False: i.i.d. Gaussian noise per block (ablation)
 
@@ -32,6 +35,8 @@ class DualParalConfig:
         check_range("cfg", self.guidance_scale, above=0)  # also refuses nan and inf
         check_range("flow_shift", self.flow_shift, above=0)
         check_seed(self.seed, "seed")
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"sampler {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         extra = self.frames - self.block - self.cat
         if extra < 0 or extra % self.block:
             raise UsageError(

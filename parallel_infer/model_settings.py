@@ -1,12 +1,13 @@
 """Model-carried render settings: `video_settings.json` in a model folder, and where each value comes from.
 
-A model folder may carry the DualParal settings it renders best with (steps, block, cat, cfg, flow_shift, fps,
-size). The CLI, the API and the app take each setting from, in order: the user (a flag, an argument, a field),
-the model's `video_settings.json`, the model itself (its scheduler's shift, an expert's canvas size), and
-finally Wan2.1 T2V's published defaults (50 steps, CFG 5, shift 3, 16 fps, 480x832) with DualParal's block 8,
-context 4. The file is read as JSON alone, so a bad value is a one-line UsageError before anything loads:
+A model folder may carry the DualParal settings it renders best with (steps, block, cat, cfg, flow_shift,
+sampler, fps, size). The CLI, the API and the app take each setting from, in order: the user (a flag, an argument,
+a field), the model's `video_settings.json`, the model itself (its scheduler's shift and class, an expert's canvas
+size), and finally Wan2.1 T2V's published defaults (50 steps, CFG 5, shift 3, the UniPC sampler, 16 fps, 480x832)
+with DualParal's block 8, context 4. The file is read as JSON alone, so a bad value is a one-line UsageError
+before anything loads:
 
-    {"steps": 10, "block": 4, "cat": 2, "cfg": 3.0, "flow_shift": 1.0, "fps": 16, "size": 16}
+    {"steps": 10, "block": 4, "cat": 2, "cfg": 3.0, "flow_shift": 1.0, "sampler": "unipc", "fps": 16, "size": 16}
 
 `size` is one number (square) or [height, width] in pixels. Every key is optional.
 """
@@ -17,16 +18,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from ddm import UsageError
+from parallel_infer.config import SAMPLERS
 from parallel_infer.loader import ModelInfo
 from parallel_infer.render import VideoSettings
 
 SETTINGS_FILE = "video_settings.json"
 # Wan2.1 T2V 1.3B at 480p (its model card and diffusers' WanPipeline example), and DualParal's block/context.
-WAN_DEFAULTS = {"steps": 50, "block": 8, "cat": 4, "cfg": 5.0, "flow_shift": 3.0, "fps": 16}
+WAN_DEFAULTS = {"steps": 50, "block": 8, "cat": 4, "cfg": 5.0, "flow_shift": 3.0, "sampler": "unipc", "fps": 16}
+SCHEDULER_SAMPLERS = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler"}
 WAN_SOURCE = "Wan2.1 default"
 _INTEGERS = ("steps", "block", "cat", "fps")
 _NUMBERS = ("cfg", "flow_shift")
-KEYS = (*_INTEGERS, *_NUMBERS, "size")
+KEYS = (*_INTEGERS, *_NUMBERS, "sampler", "size")
 
 
 def _positive_int(value) -> bool:
@@ -52,6 +55,8 @@ def read_model_settings(model_dir: str | Path) -> dict:
             raise UsageError(f"{path}: {key} must be a positive integer, got {value!r}")
         if key in _NUMBERS and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
             raise UsageError(f"{path}: {key} must be a number > 0, got {value!r}")
+    if "sampler" in data and data["sampler"] not in SAMPLERS:
+        raise UsageError(f"{path}: sampler must be one of {', '.join(SAMPLERS)}, got {data['sampler']!r}")
     if "cat" in data and data["cat"] >= data.get("block", WAN_DEFAULTS["block"]):
         raise UsageError(f"{path}: cat {data['cat']} must be smaller than block {data.get('block', WAN_DEFAULTS['block'])}")
     if "size" in data:
@@ -76,6 +81,8 @@ def resolve_settings(info: ModelInfo, settings: VideoSettings) -> tuple[VideoSet
             values[key], sources[key] = carried[key], carried_from
         elif key == "flow_shift" and info.flow_shift is not None:
             values[key], sources[key] = info.flow_shift, _model_source(info, "flow_shift")
+        elif key == "sampler" and (info.scheduler or {}).get("_class_name") in SCHEDULER_SAMPLERS:
+            values[key], sources[key] = SCHEDULER_SAMPLERS[info.scheduler["_class_name"]], _model_source(info, key)
         else:
             values[key], sources[key] = fallback, WAN_SOURCE
     for key, index in (("height", 0), ("width", 1)):
@@ -93,6 +100,8 @@ def _model_source(info: ModelInfo, key: str) -> str:
     if info.kind == "expert":
         return f"{info.path / 'expert.json'} ({'canvas' if key == 'size' else 'training flow shift'})"
     if key == "flow_shift" and info.scheduler is not None and (info.scheduler.get("shift") or info.scheduler.get("flow_shift")):
+        return str(info.path / "scheduler" / "scheduler_config.json")
+    if key == "sampler" and info.scheduler is not None:
         return str(info.path / "scheduler" / "scheduler_config.json")
     return WAN_SOURCE
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, SchedulerMixin, UniPCMultistepScheduler
 
 from parallel_infer.config import DualParalConfig
 from parallel_infer.noise import NoiseSource
@@ -40,8 +40,17 @@ def own_frames(config: DualParalConfig, block: int) -> int:
     return config.block + config.cat if block == 0 else config.block
 
 
-def make_scheduler(config: DualParalConfig, scheduler_config: dict | None = None) -> FlowMatchEulerDiscreteScheduler:
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config or {}, shift=config.flow_shift)
+def make_scheduler(config: DualParalConfig, scheduler_config: dict | None = None) -> SchedulerMixin:
+    """One block's sampler at `config.steps` steps. Euler takes the folder's scheduler config (its shift is replaced by
+    ours); UniPC is set up as Wan's pipelines set it up for flow matching (second order, flow sigmas), from the
+    folder's config where that names UniPC. Both keep their state in the object, so every block has its own."""
+    scheduler_config = scheduler_config or {}
+    if config.sampler == "unipc":
+        own = scheduler_config if scheduler_config.get("_class_name") == "UniPCMultistepScheduler" else {}
+        scheduler = UniPCMultistepScheduler.from_config(own, prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                        flow_shift=config.flow_shift)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, shift=config.flow_shift)
     scheduler.set_timesteps(config.steps)
     return scheduler
 
@@ -58,7 +67,7 @@ class BlockQueue:
         self.noise = NoiseSource(config, shape)
         self.scheduler_config = scheduler_config
         self.latents: dict[int, torch.Tensor] = {}
-        self.schedulers: dict[int, FlowMatchEulerDiscreteScheduler] = {}
+        self.schedulers: dict[int, SchedulerMixin] = {}
         self.finished_context: torch.Tensor | None = None  # last cat frames of a block that already left
 
     def enter(self, block: int) -> None:

@@ -46,6 +46,7 @@ class VideoSettings:
     cat: int | None = None
     cfg: float | None = None  # classifier-free guidance scale (--cfg), DualParalConfig.guidance_scale
     flow_shift: float | None = None
+    sampler: str | None = None  # "euler" or "unipc"
     seed: int = 0
     negative_prompt: str = ""
     feature_cache: bool = True
@@ -85,6 +86,7 @@ def plan_video(info: ModelInfo, settings: VideoSettings) -> Plan:
     config = DualParalConfig(
         frames=latent, steps=settings.steps, block=settings.block, cat=settings.cat, guidance_scale=settings.cfg,
         flow_shift=info.flow_shift if settings.flow_shift is None else settings.flow_shift, seed=settings.seed,
+        sampler=settings.sampler or "euler",
         feature_cache=settings.feature_cache, coordinated_noise=settings.coordinated_noise,
     )
     return Plan(config, frames, height, width, latent_size)
@@ -126,7 +128,7 @@ def complete_sidecar(video: Path, settings: dict) -> bool:
     done = owned_sidecar(video)
     if done is None or not video.exists():
         return False  # nothing there, or a sidecar whose video was removed: render it
-    if done["settings"] != settings:
+    if {"sampler": "euler", **done["settings"]} != settings:  # a record from before samplers existed used Euler
         raise UsageError(f"{video} exists with other settings; choose another --out or delete it")
     if "sha256" in done and sha256_file(video) != done["sha256"]:
         raise UsageError(f"{video} differs from what its sidecar recorded (edited or damaged); delete it to render it again")

@@ -4,7 +4,7 @@
                                         [--json docs/benchmarks/video_model.json]
 
 Renders `--seconds` of the demo prompt through `parallel_infer.api.render_video`, giving nothing but the length
-and the seed: steps, block, context, CFG, flow shift, fps and canvas all come from the model's
+and the seed: steps, block, context, CFG, flow shift, sampler, fps and canvas all come from the model's
 video_settings.json. Each rank count in `--ranks` (DualParal processes of 1 thread each) renders once per round,
 the rank counts interleaved round by round (the machine may be shared); the median round counts. Per rank count
 it prints milliseconds per frame of denoising and of the whole render (the sidecar's `total`: prompt encoding,
@@ -54,7 +54,7 @@ def main() -> int:
                     frames = record["frames_written"]
                     runs[ranks].append({"frames": frames, "denoise_s": record["timings_s"]["denoise"],
                                         "total_s": record["timings_s"]["total"], "wall_s": wall})
-        settings = {k: record["settings"][k] for k in ("steps", "block", "cat", "guidance_scale", "flow_shift", "fps", "height", "width")}
+        settings = {k: record["settings"][k] for k in ("steps", "block", "cat", "guidance_scale", "flow_shift", "sampler", "fps", "height", "width")}
         results = []
         print(f"{args.model}: {frames} frames of {args.prompt!r} at its carried settings {settings}")
         print(f"{'ranks':>5} {'denoise ms/frame':>17} {'render ms/frame':>16} {'wall s':>8}   (median of {args.rounds})")

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ddm import OneLineParser, run_reporting_usage_errors
+from parallel_infer.config import SAMPLERS
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -49,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cat", type=int, help=f"context latent frames shared with the previous block ({model} 4)")
     p.add_argument("--cfg", type=float, help=f"classifier-free guidance scale, 1 = off ({model} 5.0)")
     p.add_argument("--flow-shift", type=float, help=f"flow shift of the sampler ({model} the model's scheduler shift, else 3.0)")
+    p.add_argument("--sampler", choices=SAMPLERS, help=f"each block's ODE solver ({model} the model's scheduler class, else unipc)")
     p.add_argument("--seed", type=int, default=0, help="seed of lines that give none (the first of --seeds-per-prompt)")
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance, for lines that give none (default: empty)")
     p.add_argument("--no-feature-cache", action="store_true", help="ablation: blocks ignore the next block's keys/values")
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = VideoSettings(
         frames=args.frames, seconds=args.seconds, fps=args.fps, height=args.height, width=args.width, steps=args.steps,
-        block=args.block, cat=args.cat, cfg=args.cfg, flow_shift=args.flow_shift, seed=args.seed,
+        block=args.block, cat=args.cat, cfg=args.cfg, flow_shift=args.flow_shift,
+        sampler=args.sampler, seed=args.seed,
         negative_prompt=args.negative_prompt, feature_cache=not args.no_feature_cache,
         coordinated_noise=not args.independent_noise,
     )

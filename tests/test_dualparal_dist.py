@@ -80,11 +80,11 @@ def start_ranks(world, tmp_path, config=CONFIG, timeout=60.0, topology=None, nam
     return procs, out, started
 
 
-def run_reference_finals(split_batch=False, model_dir=None):
+def run_reference_finals(split_batch=False, model_dir=None, config=CONFIG):
     torch.set_num_threads(1)
     finals = {}
     with torch.inference_mode():
-        run_reference(make_adapter(CONFIG, model_dir), CONFIG, prompt_embeds(),
+        run_reference(make_adapter(config, model_dir), config, prompt_embeds(),
                       lambda b, x: finals.__setitem__(str(b), x.clone()), split_batch=split_batch)
     return finals
 
@@ -108,7 +108,8 @@ def finished(runs):
 def test_layer_pipeline_equals_reference_bit_for_bit(reference, tmp_path):
     """Even splits on 1, 2, 3 ranks; uneven splits (as --layer-split or the balance gives them) with the last
     rank decoding; CFG-parallel on 2 and 4 ranks against the reference that splits the batch the same way; a
-    Wan2.2 A14B folder (two experts switched at the boundary) on 2 ranks, each loading its slice of both."""
+    Wan2.2 A14B folder (two experts switched at the boundary) on 2 ranks, each loading its slice of both; the UniPC
+    sampler (a multistep state per block on rank 0) on 2 ranks."""
     from parallel_infer.tiny import write_tiny_model
 
     a14b = write_tiny_model(tmp_path / "a14b", layers=LAYERS, layout="a14b", boundary_ratio=0.8)
@@ -120,18 +121,25 @@ def test_layer_pipeline_equals_reference_bit_for_bit(reference, tmp_path):
         "cfg 2x(3+2) decode last": (4, Topology((3, 2), groups=2, decode_on="last")),
         "a14b 2+3": (2, Topology((2, 3))),
     }
+    unipc = DualParalConfig(**{**CONFIG.to_dict(), "sampler": "unipc"})
     runs = {name: start_ranks(world, tmp_path, topology=topology, name=name.replace(" ", "_"),
                               model_dir=a14b if name.startswith("a14b") else None)
             for name, (world, topology) in placements.items()}  # all at once: they share 2 cores
+    runs["unipc 2"] = start_ranks(2, tmp_path, config=unipc, name="unipc")
     split_reference = run_reference_finals(split_batch=True)
     a14b_reference = run_reference_finals(model_dir=a14b)
+    unipc_reference = run_reference_finals(config=unipc)
     items = CONFIG.num_blocks * CONFIG.steps
     window_tokens = (CONFIG.block + CONFIG.cat) * (SIZE // 2) ** 2
     hidden_bytes = 2 * window_tokens * 24 * 4  # [cond, uncond] x tokens x dim x float32
     block_bytes = 3 * SIZE * SIZE * 4  # one latent frame, float32
     own_frames = CONFIG.steps * (CONFIG.block * (CONFIG.num_blocks - 1) + CONFIG.block + CONFIG.cat)  # over all steps
     video_frames = CONFIG.frames
-    for name, got in finished(runs).items():
+    got_by_name = finished(runs)
+    unipc_got = got_by_name.pop("unipc 2")
+    assert all(torch.equal(unipc_got[b], latent) for b, latent in unipc_reference.items())
+    assert not torch.equal(unipc_reference["0"], reference["0"])
+    for name, got in got_by_name.items():
         world, topology = placements[name]
         expected = split_reference if name.startswith("cfg") else a14b_reference if name.startswith("a14b") else reference
         assert sorted(got) == sorted(expected) + ["bytes"], name

@@ -131,6 +131,24 @@ def test_one_block_equals_the_diffusers_model_loop_bit_for_bit(model):
     assert torch.equal(ours, x)
 
 
+def test_one_block_with_unipc_equals_the_diffusers_unipc_loop_bit_for_bit(model):
+    from diffusers import UniPCMultistepScheduler
+
+    config = DualParalConfig(frames=6, steps=5, block=4, cat=2, guidance_scale=3.0, seed=1, sampler="unipc")
+    ours = denoise(model, config, TEXT)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=config.flow_shift)
+    scheduler.set_timesteps(config.steps)
+    x = torch.randn(1, 3, 6, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            v = model(x.expand(2, -1, -1, -1, -1), t.expand(2), TEXT, return_dict=False)[0]
+            x = scheduler.step(guide(v, config.guidance_scale), t, x, return_dict=False)[0]
+    assert torch.equal(ours, x)
+    assert not torch.equal(ours, denoise(model, DualParalConfig(**{**config.to_dict(), "sampler": "euler"}), TEXT))
+    with pytest.raises(UsageError, match="sampler 'ddim' is not one of euler, unipc"):
+        DualParalConfig(frames=6, block=4, cat=2, sampler="ddim")
+
+
 def test_feature_cache_links_each_block_to_the_next(model):
     base = dict(frames=6 + 4 * 3, steps=3, block=4, cat=2, guidance_scale=3.0, seed=2)
     cached = denoise(model, DualParalConfig(**base), TEXT)
@@ -155,3 +173,4 @@ def test_rotary_table_continues_after_the_window(model):
 def test_adapter_rejects_models_it_cannot_split(model):
     with pytest.raises(UsageError, match="not divisible by the patch size"):
         WanAdapter(model, window=6, cat=2, height=7, width=8)
+

@@ -248,6 +248,15 @@ def test_cli_renders_skips_and_refuses(cli, pixel_model, tmp_path, capsys):
     assert "skip" in capsys.readouterr().err and (out / "a-cat-runs-seed5.mp4").stat().st_mtime_ns == stamp
     assert cli.main(args(steps=3)) == 2  # same files, other settings: refused, nothing overwritten
     assert "exists with other settings" in capsys.readouterr().err
+    # a record written before samplers existed has no "sampler": it was rendered with Euler
+    old = tmp_path / "old"
+    assert cli.main(args(out=old, sampler="euler")) == 0
+    sidecar = json.loads((old / "a-cat-runs-seed5.json").read_text())
+    assert sidecar["settings"].pop("sampler") == "euler"
+    (old / "a-cat-runs-seed5.json").write_text(json.dumps(sidecar))
+    capsys.readouterr()
+    assert cli.main(args(out=old, sampler="euler")) == 0 and "skip" in capsys.readouterr().err
+    assert cli.main(args(out=old)) == 2 and "exists with other settings" in capsys.readouterr().err  # unipc, the default
     assert cli.main(args(threads=0)) == 2 and "threads must be a positive integer, got 0" in capsys.readouterr().err
     assert cli.main(args(**{"layer-split": "4"})) == 2
     assert capsys.readouterr().err.strip() == "error: --layer-split 4 sums to 4, but the model has 3 layers"

@@ -50,6 +50,17 @@ def test_a_wan_folder_without_the_file_falls_back_to_wan_defaults(pixel_model):
     r = request(pixel_model, "a cat runs", height=16, width=16)
     assert r.settings.steps == WAN_DEFAULTS["steps"] and r.settings.block == 8 and r.settings.cat == 4
     assert r.settings.cfg == 5.0 and r.settings.fps == 16 and r.sources["steps"] == "Wan2.1 default"
+    assert r.plan.config.sampler == "unipc" and r.sources["sampler"] == "Wan2.1 default"
+
+
+@pytest.mark.parametrize("scheduler, sampler", [("FlowMatchEulerDiscreteScheduler", "euler"), ("UniPCMultistepScheduler", "unipc")])
+def test_a_wan_folders_scheduler_class_names_its_sampler(tmp_path, scheduler, sampler):
+    model = write_tiny_model(tmp_path / "m", layers=2)
+    (model / "scheduler").mkdir()
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": scheduler, "shift": 2.0}))
+    r = request(model, "a cat runs", height=16, width=16)
+    assert r.plan.config.sampler == sampler and r.sources["sampler"] == str(model / "scheduler" / "scheduler_config.json")
+    assert request(model, "a cat runs", height=16, width=16, sampler="euler").plan.config.sampler == "euler"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -58,6 +69,7 @@ def test_a_wan_folder_without_the_file_falls_back_to_wan_defaults(pixel_model):
     ({"block": 4, "cat": 4}, "cat 4 must be smaller than block 4"),
     ({"size": [16]}, "size must be a positive integer or [height, width]"),
     ({"stpes": 10}, "unknown key 'stpes'"),
+    ({"sampler": "heun"}, "sampler must be one of euler, unipc, got 'heun'"),
 ])
 def test_a_bad_carried_settings_file_is_one_line_before_anything_loads(tmp_path, content, message):
     model = write_tiny_model(tmp_path / "m", layers=2)
