@@ -88,7 +88,7 @@ def pipeline_for(transformer, meta: dict, device=None, text_encoder=None):
     """The pipeline of a model (an expert or an ensemble; `meta` one expert.json): text experts get a TextDDMPipeline
     with their text encoder (or `text_encoder`, a folder checked to be the same), class experts a DDMPipeline."""
     from ddm.data.vae import expert_vae
-    from router.ensemble import conditioning
+    from router.members import conditioning
 
     vae = expert_vae(meta, device)
     if conditioning(meta) == "text":

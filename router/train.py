@@ -27,7 +27,7 @@ from ddm.models.experts import read_expert_meta
 from ddm.flow import FlowConfig, add_noise, to_timestep
 from ddm.io import atomic_write_json, check_owned, output_lock, replacing_dir
 from ddm.partition.manifest import Manifest
-from router.ensemble import check_experts
+from router.members import check_experts
 from router.model import RouterModel, measured_flops
 
 SIGMA_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)

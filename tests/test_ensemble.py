@@ -8,7 +8,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from ddm import UsageError
 from ddm.models.experts import load_expert
 from ddm.flow import FlowConfig
-from router.ensemble import DDMEnsemble, load_router
+from router.ensemble import DDMEnsemble
+from router.members import load_router
 from test_router_fixtures import make_ensemble_dirs, make_expert, make_router
 
 K = 4

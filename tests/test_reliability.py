@@ -225,7 +225,7 @@ def test_pickle_weights_are_refused_by_every_loader(tmp_path):
     from ddm.models.prompt_encoder import PromptEncoder
     from parallel_infer.loader import inspect_model, load_model
     from parallel_infer.tiny import tiny_transformer, write_tiny_model
-    from router.ensemble import load_router
+    from router.members import load_router
     from router.model import RouterModel
 
     RouterModel(num_experts=2, sample_size=8, in_channels=1, hidden_dim=16).save_pretrained(tmp_path / "router", safe_serialization=False)
