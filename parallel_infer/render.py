@@ -86,7 +86,7 @@ def plan_video(info: ModelInfo, settings: VideoSettings) -> Plan:
     config = DualParalConfig(
         frames=latent, steps=settings.steps, block=settings.block, cat=settings.cat, guidance_scale=settings.cfg,
         flow_shift=info.flow_shift if settings.flow_shift is None else settings.flow_shift, seed=settings.seed,
-        sampler=settings.sampler or "euler",
+        sampler=settings.sampler,
         feature_cache=settings.feature_cache, coordinated_noise=settings.coordinated_noise,
     )
     return Plan(config, frames, height, width, latent_size)
@@ -95,6 +95,11 @@ def plan_video(info: ModelInfo, settings: VideoSettings) -> Plan:
 def check_prompts(info: ModelInfo, plan: Plan, settings: VideoSettings, prompts: list[str]) -> None:
     """Every prompt (and the negative one, with guidance) must be one the model can encode."""
     info.check_prompts(prompts + ([settings.negative_prompt] if plan.config.guided else []))
+
+
+# Settings that records gained after sidecars were first written, with the value a record without them was rendered
+# at, so that a re-run still finds those videos complete.
+SETTINGS_ADDED_LATER = {"sampler": "euler"}
 
 
 def settings_record(info: ModelInfo, plan: Plan, settings: VideoSettings, prompt: str, seed: int) -> dict:
@@ -128,7 +133,7 @@ def complete_sidecar(video: Path, settings: dict) -> bool:
     done = owned_sidecar(video)
     if done is None or not video.exists():
         return False  # nothing there, or a sidecar whose video was removed: render it
-    if {"sampler": "euler", **done["settings"]} != settings:  # a record from before samplers existed used Euler
+    if {**SETTINGS_ADDED_LATER, **done["settings"]} != settings:
         raise UsageError(f"{video} exists with other settings; choose another --out or delete it")
     if "sha256" in done and sha256_file(video) != done["sha256"]:
         raise UsageError(f"{video} differs from what its sidecar recorded (edited or damaged); delete it to render it again")
